@@ -1,0 +1,100 @@
+"""One place that maps failures to OpenAI error objects and HTTP status codes."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..chat import ChatTemplateError
+from ..engine.engine import EngineError
+from ..engine.scheduler import QueueFullError
+from .protocol import ErrorDetail, ErrorResponse
+
+log = logging.getLogger(__name__)
+
+RETRY_AFTER_SECONDS = 1
+
+
+class APIError(Exception):
+    """An error with its OpenAI shape: status, message, type, param, code."""
+
+    def __init__(
+        self, status: int, message: str, type: str = "invalid_request_error",
+        param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
+
+    def body(self) -> ErrorResponse:
+        return ErrorResponse(error=ErrorDetail(message=self.message, type=self.type, param=self.param, code=self.code))
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body().model_dump(), status_code=self.status, headers=self.headers)
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def model_not_found(name: str) -> APIError:
+    return APIError(404, f"The model `{name}` does not exist.", param="model", code="model_not_found")
+
+
+def not_ready() -> APIError:
+    return APIError(503, "The model is still loading; retry shortly.", type="service_unavailable",
+                    code="model_not_ready", headers={"Retry-After": "5"})
+
+
+def to_api_error(exc: BaseException) -> APIError:
+    """Map any failure to the error the client gets."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, QueueFullError):
+        return APIError(429, f"The server is at capacity ({exc}); retry shortly.", type="rate_limit_error",
+                        code="rate_limit_exceeded", headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+    if isinstance(exc, ChatTemplateError):
+        return bad_request(str(exc), param="messages")
+    if isinstance(exc, EngineError):
+        return APIError(500, str(exc), type="server_error", code="internal_error")
+    if isinstance(exc, ValueError):
+        return bad_request(str(exc))
+    log.exception("unexpected error", exc_info=exc)
+    return APIError(500, f"Internal server error: {type(exc).__name__}", type="server_error", code="internal_error")
+
+
+def _param(loc: tuple) -> str | None:
+    parts = [str(p) for p in loc if p != "body"]
+    return ".".join(parts) or None
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Make every error the app returns an OpenAI error object (422 becomes 400)."""
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        param = _param(tuple(first.get("loc", ())))
+        msg = first.get("msg", "invalid request")
+        if first.get("type") == "json_invalid":
+            message = "The request body is not valid JSON."
+        else:
+            message = f"Invalid value for `{param}`: {msg}" if param else msg
+        return bad_request(message, param=param).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return APIError(exc.status_code, str(exc.detail), type=kind).response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        return to_api_error(exc).response()

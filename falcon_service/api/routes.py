@@ -1,0 +1,98 @@
+"""FastAPI routes: thin glue between HTTP and `OpenAIServing`, plus SSE framing and disconnects."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from collections.abc import AsyncIterator, Awaitable
+from typing import TypeVar
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel
+
+from .errors import APIError, install_error_handlers, to_api_error
+from .protocol import ChatCompletionRequest, CompletionRequest
+from .serving import OpenAIServing
+
+T = TypeVar("T")
+DISCONNECT_POLL_SECONDS = 0.25
+
+
+def _serving(request: Request) -> OpenAIServing:
+    return request.app.state.serving
+
+
+def _check_api_key(request: Request) -> None:
+    key: str | None = request.app.state.api_key
+    if not key:
+        return
+    given = request.headers.get("authorization", "")
+    scheme, _, token = given.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+        raise APIError(401, "Invalid or missing API key (send `Authorization: Bearer <key>`).",
+                       type="authentication_error", code="invalid_api_key")
+
+
+async def _until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it if the client hangs up first (its sequences are then aborted)."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_SECONDS)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                raise APIError(499, "client disconnected")
+    finally:
+        if not task.done():
+            task.cancel()
+
+
+def _respond(result: BaseModel | AsyncIterator[str]) -> JSONResponse | StreamingResponse:
+    if isinstance(result, BaseModel):
+        return JSONResponse(result.model_dump(mode="json"))
+    return StreamingResponse(result, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def build_router() -> APIRouter:
+    router = APIRouter(prefix="/v1", dependencies=[Depends(_check_api_key)])
+
+    @router.get("/models")
+    async def models(request: Request) -> JSONResponse:
+        return JSONResponse(_serving(request).models().model_dump())
+
+    @router.post("/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        serving = _serving(request)
+        if body.stream:
+            return _respond(serving.chat_stream(body))
+        return _respond(await _until_disconnect(request, serving.chat(body)))
+
+    @router.post("/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        serving = _serving(request)
+        if body.stream:
+            return _respond(serving.completion_stream(body))
+        return _respond(await _until_disconnect(request, serving.completion(body)))
+
+    return router
+
+
+def create_app(serving: OpenAIServing, api_key: str | None = None) -> FastAPI:
+    """The OpenAI-compatible app: `/v1/...` routes and `/health` (200 when ready, 503 while loading)."""
+    app = FastAPI(title="Falcon Service OpenAI API", docs_url=None, redoc_url=None, openapi_url="/v1/openapi.json")
+    app.state.serving = serving
+    app.state.api_key = api_key
+    install_error_handlers(app)
+    app.include_router(build_router())
+
+    @app.get("/health")
+    async def health(request: Request) -> JSONResponse:
+        if not _serving(request).ready:
+            return to_api_error(APIError(503, "model loading", type="service_unavailable")).response()
+        return JSONResponse({"status": "ok"})
+
+    return app

@@ -1,0 +1,374 @@
+"""OpenAI chat and completions on top of the engine, with no HTTP in it.
+
+Turns validated protocol objects into `GenerationRequest`s, and engine events into
+OpenAI responses or SSE chunk lines. Routes (HTTP) and the BentoML service both use it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+
+from pydantic import BaseModel
+from transformers import PreTrainedTokenizerBase
+
+from .. import chat
+from ..engine.engine import ChoiceEvent, Engine, GenerationRequest, RequestStream
+from ..engine.sampling import SamplingParams, TokenLogprob
+from .errors import bad_request, model_not_found, not_ready, to_api_error
+from .protocol import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    ChatTokenLogprob,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    DeltaMessage,
+    ModelCard,
+    ModelList,
+    ResponseMessage,
+    SamplingFields,
+    TopLogprob,
+    Usage,
+    new_id,
+    now,
+    unsupported_field,
+)
+
+log = logging.getLogger(__name__)
+
+DONE = "data: [DONE]\n\n"
+
+
+def sse(payload: BaseModel, exclude: set[str] | None = None) -> str:
+    """One server-sent event line carrying a JSON payload."""
+    return f"data: {payload.model_dump_json(exclude=exclude)}\n\n"
+
+
+@dataclass
+class _Prepared:
+    """A request ready for the engine: one `GenerationRequest` per prompt."""
+
+    requests: list[GenerationRequest]
+    prompt_texts: list[str]
+
+
+class OpenAIServing:
+    """The OpenAI API's logic; `attach` the engine once the model is loaded."""
+
+    def __init__(self, model_name: str, default_chat_stop: bool = True, created: int | None = None) -> None:
+        self.model_name = model_name
+        self.default_chat_stop = default_chat_stop
+        self.created = created or now()
+        self.engine: Engine | None = None
+        self.tokenizer: PreTrainedTokenizerBase | None = None
+
+    def attach(self, engine: Engine) -> None:
+        self.tokenizer = engine.tokenizer
+        self.engine = engine
+
+    @property
+    def ready(self) -> bool:
+        return self.engine is not None
+
+    def _engine(self) -> Engine:
+        if self.engine is None:
+            raise not_ready()
+        return self.engine
+
+    def models(self) -> ModelList:
+        max_len = self.engine.max_model_len if self.engine else None
+        return ModelList(data=[ModelCard(id=self.model_name, created=self.created, max_model_len=max_len)])
+
+    # ---------- request -> engine ----------
+
+    def _check_common(self, body: SamplingFields) -> Engine:
+        if body.model != self.model_name:
+            raise model_not_found(body.model)
+        if (unsupported := unsupported_field(body)) is not None:
+            field, message = unsupported
+            raise bad_request(f"`{field}`: {message}.", param=field, code="unsupported_parameter")
+        return self._engine()
+
+    def _params(self, body: SamplingFields, prompt_len: int, max_new: int | None, stop: list[str],
+                logprobs: int | None, max_param: str) -> SamplingParams:
+        engine = self._engine()
+        room = engine.max_model_len - prompt_len
+        if room <= 0 or (max_new is not None and max_new > room):
+            asked = f" plus {max_new} new tokens" if max_new is not None else ""
+            raise bad_request(
+                f"This model's maximum context length is {engine.max_model_len} tokens; the prompt has "
+                f"{prompt_len} tokens{asked}. Shorten the prompt or lower `{max_param}`.",
+                param="messages" if room <= 0 else max_param, code="context_length_exceeded",
+            )
+        bias: dict[int, float] = {}
+        for key, value in (body.logit_bias or {}).items():
+            token = int(key)
+            if not 0 <= token < engine.vocab_size:
+                raise bad_request(f"logit_bias token id {token} is outside the vocabulary", param="logit_bias")
+            bias[token] = value
+        return SamplingParams(
+            max_tokens=max_new if max_new is not None else room,
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_p=1.0 if body.top_p is None else body.top_p,
+            top_k=max(body.top_k or 0, 0),
+            seed=None if body.seed is None else body.seed % 2**63,
+            stop=tuple(stop),
+            presence_penalty=body.presence_penalty or 0.0,
+            frequency_penalty=body.frequency_penalty or 0.0,
+            repetition_penalty=body.repetition_penalty or 1.0,
+            logit_bias=bias,
+            logprobs=logprobs,
+            ignore_eos=bool(body.ignore_eos),
+        )
+
+    def _prepare_chat(self, body: ChatCompletionRequest) -> _Prepared:
+        engine = self._check_common(body)
+        messages = [m.model_dump(exclude_none=True) for m in body.messages]
+        prompt = chat.render(messages, engine.tokenizer)
+        ids = engine.tokenizer.encode(prompt, add_special_tokens=False)
+        stop = body.stop_list()
+        wants_default = (body.model_extra or {}).get("default_stop", True)
+        if self.default_chat_stop and wants_default is not False:
+            stop += [s for s in chat.DEFAULT_CHAT_STOP if s not in stop]
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        params = self._params(body, len(ids), body.max_new_tokens, stop, logprobs,
+                              "max_completion_tokens" if body.max_completion_tokens else "max_tokens")
+        return _Prepared([GenerationRequest(tuple(ids), params, body.n or 1, new_id("req"))], [prompt])
+
+    def _prepare_completion(self, body: CompletionRequest) -> _Prepared:
+        engine = self._check_common(body)
+        if body.echo and body.logprobs is not None:
+            raise bad_request("echo together with logprobs is not supported", param="echo")
+        raw = body.prompt
+        if isinstance(raw, str):
+            prompts: list[str | list[int]] = [raw]
+        elif raw and all(isinstance(p, int) for p in raw):
+            prompts = [list(raw)]  # type: ignore[arg-type]
+        else:
+            prompts = list(raw)  # type: ignore[arg-type]
+        if not prompts:
+            raise bad_request("prompt must not be empty", param="prompt")
+        requests, texts = [], []
+        for p in prompts:
+            if isinstance(p, str):
+                ids, text = engine.tokenizer.encode(p, add_special_tokens=False), p
+            else:
+                if any(not 0 <= t < engine.vocab_size for t in p):
+                    raise bad_request("prompt token ids must be inside the vocabulary", param="prompt")
+                ids, text = list(p), engine.tokenizer.decode(p)
+            if not ids:
+                raise bad_request("prompt must not be empty", param="prompt")
+            params = self._params(body, len(ids), body.max_new_tokens, body.stop_list(), body.logprobs, "max_tokens")
+            requests.append(GenerationRequest(tuple(ids), params, body.n or 1, new_id("req")))
+            texts.append(text)
+        return _Prepared(requests, texts)
+
+    def _submit(self, prepared: _Prepared) -> list[RequestStream]:
+        engine = self._engine()
+        streams: list[RequestStream] = []
+        try:
+            for request in prepared.requests:
+                streams.append(engine.submit(request))
+        except BaseException:
+            for s in streams:
+                s.abort()
+            raise
+        return streams
+
+    # ---------- engine -> responses ----------
+
+    def _token_text(self, token_id: int) -> str:
+        assert self.tokenizer is not None
+        return self.tokenizer.decode([token_id])
+
+    def _chat_logprobs(self, lps: Seq[TokenLogprob]) -> ChatLogprobs:
+        entries = []
+        for lp in lps:
+            token = self._token_text(lp.token_id)
+            top = [TopLogprob(token=(t := self._token_text(i)), logprob=v, bytes=list(t.encode())) for i, v in lp.top]
+            entries.append(ChatTokenLogprob(token=token, logprob=lp.logprob, bytes=list(token.encode()),
+                                            top_logprobs=top))
+        return ChatLogprobs(content=entries)
+
+    def _completion_logprobs(self, lps: Seq[TokenLogprob], offset: int) -> CompletionLogprobs:
+        out = CompletionLogprobs()
+        for lp in lps:
+            token = self._token_text(lp.token_id)
+            out.tokens.append(token)
+            out.token_logprobs.append(lp.logprob)
+            out.top_logprobs.append({self._token_text(i): v for i, v in lp.top})
+            out.text_offset.append(offset)
+            offset += len(token)
+        return out
+
+    @staticmethod
+    def _usage(streams: Seq[RequestStream]) -> Usage:
+        prompt = sum(s.prompt_tokens for s in streams)
+        completion = sum(s.completion_tokens for s in streams)
+        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+    @staticmethod
+    async def _events(streams: Seq[RequestStream]) -> AsyncIterator[tuple[int, ChoiceEvent]]:
+        """Events of all streams as they come, as (choice index across prompts, event); aborts on exit."""
+        try:
+            if len(streams) == 1:
+                async for event in streams[0]:
+                    yield event.index, event
+                return
+            queue: asyncio.Queue[tuple[int, ChoiceEvent] | BaseException | None] = asyncio.Queue()
+
+            async def pump(k: int, stream: RequestStream) -> None:
+                try:
+                    async for event in stream:
+                        await queue.put((k * stream.request.n + event.index, event))
+                    await queue.put(None)
+                except BaseException as exc:  # delivered to the consumer below
+                    await queue.put(exc)
+
+            tasks = [asyncio.create_task(pump(k, s)) for k, s in enumerate(streams)]
+            try:
+                open_streams = len(streams)
+                while open_streams:
+                    item = await queue.get()
+                    if item is None:
+                        open_streams -= 1
+                    elif isinstance(item, BaseException):
+                        raise item
+                    else:
+                        yield item
+            finally:
+                for t in tasks:
+                    t.cancel()
+        finally:
+            unfinished = [s for s in streams if not s.finished]
+            for s in unfinished:
+                s.abort()
+            if unfinished:
+                usage = OpenAIServing._usage(streams)
+                log.info("request aborted after %d prompt + %d completion tokens",
+                         usage.prompt_tokens, usage.completion_tokens)
+
+    # ---------- chat ----------
+
+    async def chat(self, body: ChatCompletionRequest) -> ChatCompletionResponse:
+        prepared = self._prepare_chat(body)
+        streams = self._submit(prepared)
+        n = body.n or 1
+        texts = [""] * n
+        logprobs: list[list[TokenLogprob]] = [[] for _ in range(n)]
+        finish: list[str | None] = [None] * n
+        async for index, event in self._events(streams):
+            texts[index] += event.text
+            logprobs[index] += event.logprobs
+            finish[index] = event.finish_reason or finish[index]
+        choices = [
+            ChatChoice(index=i, message=ResponseMessage(content=texts[i]), finish_reason=finish[i],
+                       logprobs=self._chat_logprobs(logprobs[i]) if body.logprobs else None)
+            for i in range(n)
+        ]
+        return ChatCompletionResponse(id=new_id("chatcmpl"), created=now(), model=self.model_name,
+                                      choices=choices, usage=self._usage(streams))
+
+    def chat_stream(self, body: ChatCompletionRequest) -> AsyncIterator[str]:
+        """Validate and submit now (errors raise before any byte is sent); return the SSE lines."""
+        prepared = self._prepare_chat(body)
+        streams = self._submit(prepared)
+        return self._chat_sse(body, streams)
+
+    async def _chat_sse(self, body: ChatCompletionRequest, streams: list[RequestStream]) -> AsyncIterator[str]:
+        rid, created = new_id("chatcmpl"), now()
+        exclude = None if body.include_usage else {"usage", "system_fingerprint"}
+
+        def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
+            return sse(ChatCompletionChunk(id=rid, created=created, model=self.model_name, choices=choices,
+                                           usage=usage), exclude)
+
+        try:
+            for i in range(body.n or 1):
+                yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
+            async for index, event in self._events(streams):
+                if event.text or (body.logprobs and event.logprobs):
+                    lps = self._chat_logprobs(event.logprobs) if body.logprobs else None
+                    yield chunk([ChatChunkChoice(index=index, delta=DeltaMessage(content=event.text), logprobs=lps)])
+                if event.finish_reason is not None:
+                    yield chunk([ChatChunkChoice(index=index, delta=DeltaMessage(), finish_reason=event.finish_reason)])
+            if body.include_usage:
+                yield chunk([], usage=self._usage(streams))
+        except Exception as exc:
+            yield sse(to_api_error(exc).body())
+        yield DONE
+
+    # ---------- completions ----------
+
+    async def completion(self, body: CompletionRequest) -> CompletionResponse:
+        prepared = self._prepare_completion(body)
+        streams = self._submit(prepared)
+        n = body.n or 1
+        total = n * len(streams)
+        texts = [prepared.prompt_texts[i // n] if body.echo else "" for i in range(total)]
+        logprobs: list[list[TokenLogprob]] = [[] for _ in range(total)]
+        finish: list[str | None] = [None] * total
+        async for index, event in self._events(streams):
+            texts[index] += event.text
+            logprobs[index] += event.logprobs
+            finish[index] = event.finish_reason or finish[index]
+        choices = [
+            CompletionChoice(index=i, text=texts[i], finish_reason=finish[i],
+                             logprobs=self._completion_logprobs(logprobs[i], 0) if body.logprobs is not None else None)
+            for i in range(total)
+        ]
+        return CompletionResponse(id=new_id("cmpl"), created=now(), model=self.model_name, choices=choices,
+                                  usage=self._usage(streams))
+
+    def completion_stream(self, body: CompletionRequest) -> AsyncIterator[str]:
+        prepared = self._prepare_completion(body)
+        streams = self._submit(prepared)
+        return self._completion_sse(body, prepared, streams)
+
+    async def _completion_sse(self, body: CompletionRequest, prepared: _Prepared,
+                              streams: list[RequestStream]) -> AsyncIterator[str]:
+        rid, created = new_id("cmpl"), now()
+        n = body.n or 1
+        exclude = None if body.include_usage else {"usage", "system_fingerprint"}
+        offsets = [0] * (n * len(streams))
+
+        def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
+            return sse(CompletionResponse(id=rid, created=created, model=self.model_name, choices=choices,
+                                          usage=usage), exclude)
+
+        try:
+            if body.echo:
+                for i in range(n * len(streams)):
+                    yield chunk([CompletionChoice(index=i, text=prepared.prompt_texts[i // n])])
+            async for index, event in self._events(streams):
+                if event.text or event.logprobs:
+                    lps = None
+                    if body.logprobs is not None:
+                        lps = self._completion_logprobs(event.logprobs, offsets[index])
+                    offsets[index] += len(event.text)
+                    yield chunk([CompletionChoice(index=index, text=event.text, logprobs=lps)])
+                if event.finish_reason is not None:
+                    yield chunk([CompletionChoice(index=index, text="", finish_reason=event.finish_reason)])
+            if body.include_usage:
+                yield chunk([], usage=self._usage(streams))
+        except Exception as exc:
+            yield sse(to_api_error(exc).body())
+        yield DONE
+
+    async def text_stream(self, body: CompletionRequest) -> AsyncIterator[str]:
+        """Plain text deltas of a one-prompt, one-choice completion (the native `generate` API)."""
+        prepared = self._prepare_completion(body)
+        streams = self._submit(prepared)
+        async for _, event in self._events(streams):
+            if event.text:
+                yield event.text
+

@@ -1,0 +1,63 @@
+"""Renders OpenAI-style chat messages into a Falcon prompt; the default stop strings for chat."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+# Falcon-7B-Instruct goes on writing the next dialogue turn itself; chat requests stop there by default.
+DEFAULT_CHAT_STOP: list[str] = ["\nUser:"]
+
+ROLES = ("system", "user", "assistant")
+_SPEAKERS = {"user": "User", "assistant": "Assistant"}
+
+
+class ChatTemplateError(ValueError):
+    """The messages cannot be rendered: an unknown role or a content part that is not text."""
+
+
+def message_text(content: str | Sequence[Mapping[str, Any]] | None) -> str:
+    """The text of a message's content: a string, or text parts joined with "\\n" (None is "")."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    texts = []
+    for i, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
+        if kind != "text":
+            raise ChatTemplateError(
+                f"content part {i} has type {kind!r}; only 'text' parts are supported by this model"
+            )
+        texts.append(part.get("text") or "")
+    return "\n".join(texts)
+
+
+def _plain_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Copies of the messages with a checked role and their content as plain text."""
+    if not messages:
+        raise ChatTemplateError("messages must contain at least one message")
+    plain = []
+    for i, message in enumerate(messages):
+        role = message.get("role")
+        if role not in ROLES:
+            raise ChatTemplateError(
+                f"messages[{i}] has unknown role {role!r}; allowed roles are {', '.join(ROLES)}"
+            )
+        plain.append({**message, "content": message_text(message.get("content"))})
+    return plain
+
+
+def render(messages: Sequence[Mapping[str, Any]], tokenizer: Any = None) -> str:
+    """The whole conversation as one prompt ending where the assistant's reply begins.
+
+    Uses the tokenizer's chat template if it has one, otherwise Falcon's plain format: system
+    text first, then `User: ...` / `Assistant: ...` lines, ending with `Assistant:`.
+    """
+    plain = _plain_messages(messages)
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=True)
+    lines = [m["content"] for m in plain if m["role"] == "system"]
+    lines += [f"{_SPEAKERS[m['role']]}: {m['content']}" for m in plain if m["role"] != "system"]
+    lines.append("Assistant:")
+    return "\n".join(lines)

@@ -1,0 +1,52 @@
+"""Every setting in one typed object, read from `FALCON_*` environment variables."""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+ENV_PREFIX = "FALCON_"
+
+
+class Settings(BaseModel):
+    """Service settings; each field `x` is read from the environment variable `FALCON_X`."""
+
+    model: str = Field("falcon-7b-instruct", description="BentoML model tag (name or name:version) to serve")
+    served_model_name: str | None = Field(None, description="model id clients send; default: the tag's name")
+    device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto: CUDA when present, else CPU")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="auto: bfloat16 on CUDA, float32 on CPU"
+    )
+    max_batch_size: int = Field(64, ge=1, description="sequences decoding together (each of n choices counts)")
+    max_batch_tokens: int | None = Field(
+        None, ge=1, description="KV-cache token budget of the batch; default: derived from free memory"
+    )
+    kv_cache_memory_fraction: float = Field(
+        0.5, gt=0, le=0.95, description="share of free memory the default KV-cache budget may use"
+    )
+    max_prefill_tokens: int = Field(2048, ge=1, description="prompt tokens prefilled in one engine step")
+    max_queue_size: int = Field(256, ge=0, description="requests waiting for a batch slot before 429")
+    api_key: str | None = Field(None, description="when set, /v1 requires `Authorization: Bearer <key>`")
+    default_chat_stop: bool = Field(True, description=r"add `\nUser:` to chat requests' stop strings")
+    timeout: int = Field(600, ge=1, description="BentoML traffic timeout in seconds")
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+        values = {name: env[ENV_PREFIX + name.upper()] for name in cls.model_fields if ENV_PREFIX + name.upper() in env}
+        return cls.model_validate(values)
+
+    @property
+    def model_name(self) -> str:
+        """The model id of the OpenAI API: `served_model_name`, else the store name of `model`."""
+        return self.served_model_name or self.model.split(":", 1)[0]
+
+    def torch_device(self, cuda_available: bool) -> str:
+        return ("cuda" if cuda_available else "cpu") if self.device == "auto" else self.device
+
+    def torch_dtype_name(self, device: str) -> str:
+        if self.dtype != "auto":
+            return self.dtype
+        return "bfloat16" if device == "cuda" else "float32"

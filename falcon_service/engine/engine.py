@@ -1,0 +1,314 @@
+"""The async face of generation: submit a request, iterate its events, abort it.
+
+One thread owns the model and runs the step loop; asyncio callers never block on torch.
+Requests go in through the scheduler's thread-safe queue; events come back to each
+caller's event loop with `call_soon_threadsafe`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from .batch import RunningBatch
+from .detokenizer import IncrementalDetokenizer, StopMatcher
+from .sampling import SamplingParams, SamplingState, TokenLogprob, sample
+from .scheduler import BatchLimits, BatchLoad, Demand, QueueFullError, Scheduler
+
+__all__ = [
+    "ChoiceEvent", "Engine", "EngineError", "GenerationRequest", "QueueFullError", "RequestStream",
+    "SamplingParams", "TokenLogprob",
+]
+
+log = logging.getLogger(__name__)
+
+
+class EngineError(RuntimeError):
+    """Generation failed inside the engine (the request gets a 500)."""
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One request: a tokenised prompt, `n` choices, and how to sample them."""
+
+    prompt_ids: tuple[int, ...]
+    params: SamplingParams
+    n: int = 1
+    request_id: str = ""
+
+
+@dataclass
+class ChoiceEvent:
+    """New output of one choice: text delta, the tokens behind it, and the finish reason once done."""
+
+    index: int
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+class RequestStream:
+    """The caller's handle on a submitted request: an async iterator of `ChoiceEvent`s."""
+
+    def __init__(self, engine: Engine, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> None:
+        self.request = request
+        self.prompt_tokens = len(request.prompt_ids)
+        self.completion_tokens = 0
+        self.finish_reasons: dict[int, str] = {}
+        self.submitted_at = time.monotonic()
+        self.first_token_at: float | None = None
+        self._engine = engine
+        self._loop = loop
+        self._queue: asyncio.Queue[list[ChoiceEvent] | BaseException] = asyncio.Queue()
+        self._open = request.n
+
+    @property
+    def finished(self) -> bool:
+        return self._open == 0
+
+    def abort(self) -> None:
+        """Stop generating for this request; its sequences leave the batch at the next step."""
+        if not self.finished:
+            self._engine._abort(self)
+
+    def __aiter__(self) -> AsyncIterator[ChoiceEvent]:
+        return self._events()
+
+    async def _events(self) -> AsyncIterator[ChoiceEvent]:
+        while self._open:
+            item = await self._queue.get()
+            if isinstance(item, BaseException):
+                self._open = 0
+                raise item
+            for event in item:
+                self.completion_tokens += len(event.token_ids)
+                if event.finish_reason is not None:
+                    self.finish_reasons[event.index] = event.finish_reason
+                    self._open -= 1
+                yield event
+
+    # engine thread -> caller's loop
+    def _deliver(self, item: list[ChoiceEvent] | BaseException) -> None:
+        if self.first_token_at is None:
+            self.first_token_at = time.monotonic()
+        with contextlib.suppress(RuntimeError):  # the caller's loop is closed: nobody listens any more
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+
+
+class _Sequence:
+    """One choice of one request, as the engine thread tracks it."""
+
+    def __init__(self, stream: RequestStream, index: int, tokenizer: PreTrainedTokenizerBase, vocab: int) -> None:
+        request = stream.request
+        self.stream = stream
+        self.index = index
+        self.params = request.params
+        self.output_ids: list[int] = []
+        self.detokenizer = IncrementalDetokenizer(tokenizer, list(request.prompt_ids))
+        self.stops = StopMatcher(list(self.params.stop))
+        seed = None if self.params.seed is None else (self.params.seed * 1_000_003 + index) % 2**63
+        self.sampling = SamplingState(self.params, request.prompt_ids, vocab, seed)
+        self.finish_reason: str | None = None
+
+    @property
+    def remaining(self) -> int:
+        return self.params.max_tokens - len(self.output_ids)
+
+    def accept(self, token: int, logprob: TokenLogprob | None, eos: int | None, max_len: int) -> ChoiceEvent:
+        """Take the sampled token; return what the client sees, with the finish reason if it ends here."""
+        self.output_ids.append(token)
+        is_eos = token == eos and not self.params.ignore_eos
+        text, hit = self.stops.feed("" if is_eos else self.detokenizer.add(token))
+        if hit:
+            self.finish_reason = "stop"
+        elif is_eos or self.remaining <= 0 or len(self.stream.request.prompt_ids) + len(self.output_ids) >= max_len:
+            tail, hit = self.stops.feed(self.detokenizer.flush())
+            text += tail if hit else tail + self.stops.flush()
+            self.finish_reason = "stop" if is_eos or hit else "length"
+        return ChoiceEvent(self.index, text, [token], [logprob] if logprob else [], self.finish_reason)
+
+
+def kv_bytes_per_token(model: PreTrainedModel) -> int:
+    """Bytes of KV cache one token takes across all layers (Falcon-7B, bf16: 8 KiB)."""
+    cfg = model.config
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    if getattr(cfg, "new_decoder_architecture", False):
+        kv_heads = cfg.num_kv_heads
+    elif getattr(cfg, "multi_query", False):
+        kv_heads = 1
+    else:
+        kv_heads = cfg.num_attention_heads
+    return 2 * cfg.num_hidden_layers * kv_heads * head_dim * model.dtype.itemsize
+
+
+class Engine:
+    """Iteration-level batching: new requests join at the next step, finished ones leave at once."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, limits: BatchLimits) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.limits = limits
+        self.max_model_len = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
+        self.eos_token_id = tokenizer.eos_token_id
+        self.vocab_size = model.config.vocab_size
+        self.scheduler: Scheduler[RequestStream] = Scheduler(limits)
+        self._batch: RunningBatch | None = None
+        self._sequences: list[_Sequence] = []
+        self._next_tokens: list[int] = []
+        self._aborted: set[RequestStream] = set()
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._fallback = torch.Generator().manual_seed(torch.seed())
+        self._ids = itertools.count()
+        self._thread = threading.Thread(target=self._run, name="falcon-engine", daemon=True)
+        self._thread.start()
+
+    # ---- caller side (any event loop) ----
+
+    def submit(self, request: GenerationRequest) -> RequestStream:
+        """Queue a request and return its stream; raises `QueueFullError` when the queue is full."""
+        if not request.prompt_ids:
+            raise ValueError("the prompt is empty")
+        if len(request.prompt_ids) + request.params.max_tokens > self.max_model_len:
+            raise ValueError("prompt plus max_tokens exceeds the model's context length")
+        stream = RequestStream(self, request, asyncio.get_running_loop())
+        demand = Demand(request.n, len(request.prompt_ids), request.params.max_tokens)
+        with self._wake:
+            self.scheduler.add(stream, demand)
+            self._wake.notify()
+        return stream
+
+    def _abort(self, stream: RequestStream) -> None:
+        with self._wake:
+            self._aborted.add(stream)
+            self._wake.notify()
+
+    def stats(self) -> dict[str, int]:
+        """Point-in-time counts for metrics and health checks."""
+        batch = self._batch
+        return {
+            "waiting": self.scheduler.num_waiting,
+            "running": len(self._sequences),
+            "cache_tokens": batch.cache_tokens if batch is not None else 0,
+        }
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        self._thread.join(timeout)
+
+    # ---- engine thread ----
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not (self._stopping or self._aborted or self._sequences or self.scheduler.num_waiting):
+                    self._wake.wait()
+                if self._stopping:
+                    break
+                aborted, self._aborted = self._aborted, set()
+            admitted: list[RequestStream] = []
+            try:
+                self._drop_aborted(aborted)
+                admitted = self.scheduler.admit(self._load())
+                if admitted:
+                    self._prefill(admitted)
+                elif self._sequences:
+                    self._decode()
+            except Exception as exc:  # a failing step must not take the server down
+                log.exception("generation step failed")
+                self._fail_all(EngineError(f"generation failed: {exc}"), admitted_too=admitted)
+        self._fail_all(EngineError("the engine is shutting down"))
+
+    def _load(self) -> BatchLoad:
+        batch = self._batch
+        return BatchLoad(
+            rows=len(self._sequences),
+            width=batch.width if batch is not None else 0,
+            max_remaining=max((s.remaining for s in self._sequences), default=0),
+        )
+
+    def _drop_aborted(self, aborted: set[RequestStream]) -> None:
+        if not aborted:
+            return
+        for stream in self.scheduler.remove(lambda s: s in aborted):
+            stream._deliver([ChoiceEvent(i, "", finish_reason="abort") for i in range(stream.request.n)])
+        gone = [s for s in self._sequences if s.stream in aborted]
+        for seq in gone:
+            seq.stream._deliver([ChoiceEvent(seq.index, "", finish_reason="abort")])
+        if gone:
+            self._keep([i for i, s in enumerate(self._sequences) if s.stream not in aborted])
+
+    def _keep(self, rows: list[int]) -> None:
+        """Shrink the batch to `rows`, freeing the cache of everything else."""
+        self._sequences = [self._sequences[i] for i in rows]
+        self._next_tokens = [self._next_tokens[i] for i in rows]
+        self._batch = self._batch.select(rows) if rows and self._batch is not None else None
+
+    def _prefill(self, streams: list[RequestStream]) -> None:
+        prompts = [s.request.prompt_ids for s in streams]
+        batch, logits = RunningBatch.prefill(self.model, prompts, [s.request.n for s in streams])
+        new = [_Sequence(s, i, self.tokenizer, self.vocab_size) for s in streams for i in range(s.request.n)]
+        self._batch = batch if self._batch is None else self._batch.concatenate(batch)
+        self._sequences += new
+        self._next_tokens += [0] * len(new)
+        self._accept(logits, first_row=len(self._sequences) - len(new))
+
+    def _decode(self) -> None:
+        assert self._batch is not None
+        logits = self._batch.step(self.model, self._next_tokens)
+        self._accept(logits, first_row=0)
+
+    def _accept(self, logits: torch.Tensor, first_row: int) -> None:
+        """Sample for rows from `first_row` on, send the events, and drop the sequences that finished."""
+        seqs = self._sequences[first_row:]
+        tokens, logprobs = sample(logits, [s.sampling for s in seqs], self._fallback)
+        events: dict[RequestStream, list[ChoiceEvent]] = {}
+        for offset, (seq, token, lp) in enumerate(zip(seqs, tokens, logprobs, strict=True)):
+            self._next_tokens[first_row + offset] = token
+            events.setdefault(seq.stream, []).append(seq.accept(token, lp, self.eos_token_id, self.max_model_len))
+        for stream, batch_events in events.items():
+            stream._deliver(batch_events)
+        if any(s.finish_reason for s in seqs):
+            self._keep([i for i, s in enumerate(self._sequences) if s.finish_reason is None])
+
+    def _fail_all(self, error: EngineError, admitted_too: Seq[RequestStream] | None = None) -> None:
+        streams = {s.stream for s in self._sequences} | set(admitted_too or ())
+        if self._stopping:
+            streams |= set(self.scheduler.remove(lambda _: True))
+        for stream in streams:
+            stream._deliver(error)
+        self._sequences, self._next_tokens, self._batch = [], [], None
+
+
+def default_kv_budget(model: PreTrainedModel, memory_fraction: float, max_rows: int, max_len: int) -> int:
+    """KV-cache tokens that fit in `memory_fraction` of the free memory of the model's device.
+
+    Never below one full-length sequence, never above `max_rows` full-length sequences.
+    """
+    free = torch.cuda.mem_get_info(model.device)[0] if model.device.type == "cuda" else _available_host_memory()
+    budget = int(free * memory_fraction) // kv_bytes_per_token(model)
+    return max(max_len, min(budget, max_rows * max_len))
+
+
+def _available_host_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 * 2**30

@@ -1,0 +1,150 @@
+"""The BentoML service: loads the model, owns the engine, serves the OpenAI app and native APIs.
+
+This is the only module that knows BentoML, the engine and the API layer together.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import AsyncGenerator
+from http import HTTPStatus
+from typing import Any
+
+import bentoml
+from bentoml.exceptions import BentoMLException
+from pydantic import ValidationError
+
+from .api.errors import to_api_error
+from .api.protocol import ChatCompletionRequest, CompletionRequest
+from .api.routes import create_app
+from .api.serving import OpenAIServing
+from .config import Settings
+
+log = logging.getLogger("falcon_service")
+
+SETTINGS = Settings.from_env()
+serving = OpenAIServing(SETTINGS.model_name, default_chat_stop=SETTINGS.default_chat_stop)
+openai_app = create_app(serving, SETTINGS.api_key)
+
+
+def _bento_error(exc: BaseException) -> BentoMLException:
+    """The same errors as the OpenAI routes, for `bentoml.SyncHTTPClient` callers."""
+    if isinstance(exc, ValidationError):
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first["loc"]) or "request"
+        return BentoMLException(f"Invalid value for `{param}`: {first['msg']}", error_code=HTTPStatus.BAD_REQUEST)
+    err = to_api_error(exc)
+    return BentoMLException(err.message, error_code=HTTPStatus(err.status))
+
+
+@bentoml.asgi_app(openai_app, path="/")
+@bentoml.service(
+    name="falcon-service",
+    workers=1,
+    resources={"gpu": 1},
+    traffic={"timeout": SETTINGS.timeout},
+    labels={"model": SETTINGS.model_name},
+)
+class FalconService:
+    """Falcon-7B-Instruct with continuous batching and an OpenAI-compatible API at `/v1`."""
+
+    model_ref = bentoml.models.BentoModel(SETTINGS.model)
+
+    def __init__(self) -> None:
+        self.load_error: BaseException | None = None
+        self.engine = None
+        # Load in the background: /livez answers at once, /readyz and /health turn 200 when ready.
+        threading.Thread(target=self._load, name="falcon-model-loader", daemon=True).start()
+
+    def _load(self) -> None:
+        try:
+            import torch
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            from .engine.engine import Engine, default_kv_budget
+            from .engine.scheduler import BatchLimits
+
+            path = self.model_ref.path
+            labels = self.model_ref.info.labels
+            if labels.get("random_weights") == "true":
+                log.warning("serving %s: RANDOM WEIGHTS, for trying the plumbing only; its text is noise",
+                            self.model_ref.tag)
+            device = SETTINGS.torch_device(torch.cuda.is_available())
+            dtype = getattr(torch, SETTINGS.torch_dtype_name(device))
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+            max_len = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
+            budget = SETTINGS.max_batch_tokens or default_kv_budget(
+                model, SETTINGS.kv_cache_memory_fraction, SETTINGS.max_batch_size, max_len
+            )
+            limits = BatchLimits(SETTINGS.max_batch_size, budget, SETTINGS.max_prefill_tokens, SETTINGS.max_queue_size)
+            self.engine = Engine(model, tokenizer, limits)
+            serving.attach(self.engine)
+            log.info("model %s ready on %s (%s); KV budget %d tokens", self.model_ref.tag, device, dtype, budget)
+        except BaseException as exc:  # reported by __is_alive__ so that the orchestrator restarts us
+            log.exception("loading the model failed")
+            self.load_error = exc
+
+    def __is_ready__(self) -> bool:
+        return serving.ready
+
+    def __is_alive__(self) -> bool:
+        return self.load_error is None
+
+    @bentoml.api
+    async def generate(
+        self,
+        prompt: str,
+        max_tokens: int = 256,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        stop: list[str] | None = None,
+        seed: int | None = None,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        repetition_penalty: float = 1.0,
+        ignore_eos: bool = False,
+    ) -> AsyncGenerator[str, None]:
+        """Stream the completion of `prompt` as text chunks."""
+        try:
+            body = CompletionRequest(model=serving.model_name, prompt=prompt, max_tokens=max_tokens,
+                                     temperature=temperature, top_p=top_p, top_k=top_k, stop=stop, seed=seed,
+                                     presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                                     repetition_penalty=repetition_penalty, ignore_eos=ignore_eos)
+            chunks = serving.text_stream(body)
+            first = await anext(chunks, None)
+        except Exception as exc:
+            raise _bento_error(exc) from exc
+        if first is not None:
+            yield first
+            async for chunk in chunks:
+                yield chunk
+
+    @bentoml.api
+    async def chat(
+        self,
+        messages: list[dict[str, Any]],
+        max_tokens: int | None = None,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        stop: list[str] | None = None,
+        seed: int | None = None,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        repetition_penalty: float = 1.0,
+    ) -> dict[str, Any]:
+        """Answer a conversation; returns the reply, the finish reason and token usage."""
+        try:
+            body = ChatCompletionRequest(model=serving.model_name, messages=messages, max_tokens=max_tokens,
+                                         temperature=temperature, top_p=top_p, top_k=top_k, stop=stop, seed=seed,
+                                         presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                                         repetition_penalty=repetition_penalty)
+            response = await serving.chat(body)
+        except Exception as exc:
+            raise _bento_error(exc) from exc
+        choice = response.choices[0]
+        return {"reply": choice.message.content, "finish_reason": choice.finish_reason,
+                "usage": response.usage.model_dump()}
