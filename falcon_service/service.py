@@ -6,12 +6,15 @@ This is the only module that knows BentoML, the engine and the API layer togethe
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import AsyncGenerator
 from http import HTTPStatus
+from pathlib import Path
 from typing import Any
 
 import bentoml
+import yaml
 from bentoml.exceptions import BentoMLException
 from pydantic import ValidationError
 
@@ -23,7 +26,20 @@ from .config import Settings
 
 log = logging.getLogger("falcon_service")
 
-SETTINGS = Settings.from_env()
+
+def _settings() -> Settings:
+    """Settings from the environment; inside a built Bento, FALCON_MODEL defaults to the model it was built with."""
+    settings = Settings.from_env()
+    manifest = Path(os.environ.get("BENTO_PATH", "")) / "bento.yaml"
+    if "FALCON_MODEL" not in os.environ and os.environ.get("BENTO_PATH") and manifest.is_file():
+        services = yaml.safe_load(manifest.read_text()).get("services") or [{}]
+        models = services[0].get("models") or []
+        if models:
+            settings = settings.model_copy(update={"model": models[0]["tag"]})
+    return settings
+
+
+SETTINGS = _settings()
 serving = OpenAIServing(SETTINGS.model_name, default_chat_stop=SETTINGS.default_chat_stop)
 openai_app = create_app(serving, SETTINGS.api_key)
 

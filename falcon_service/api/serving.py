@@ -136,8 +136,7 @@ class OpenAIServing:
         prompt = chat.render(messages, engine.tokenizer)
         ids = engine.tokenizer.encode(prompt, add_special_tokens=False)
         stop = body.stop_list()
-        wants_default = (body.model_extra or {}).get("default_stop", True)
-        if self.default_chat_stop and wants_default is not False:
+        if self.default_chat_stop and body.default_stop:
             stop += [s for s in chat.DEFAULT_CHAT_STOP if s not in stop]
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         params = self._params(body, len(ids), body.max_new_tokens, stop, logprobs,

@@ -1,0 +1,37 @@
+"""Settings come from FALCON_* variables, typed and range-checked."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from falcon_service.config import Settings
+
+
+def test_settings_read_from_environment() -> None:
+    s = Settings.from_env({"FALCON_MODEL": "falcon-tiny-random:abc", "FALCON_MAX_BATCH_SIZE": "8",
+                           "FALCON_DEFAULT_CHAT_STOP": "false", "UNRELATED": "1"})
+    assert s.model == "falcon-tiny-random:abc"
+    assert s.model_name == "falcon-tiny-random"
+    assert s.max_batch_size == 8
+    assert s.default_chat_stop is False
+
+
+def test_served_model_name_overrides_store_name() -> None:
+    assert Settings.from_env({"FALCON_SERVED_MODEL_NAME": "falcon"}).model_name == "falcon"
+
+
+def test_device_and_dtype_defaults() -> None:
+    s = Settings.from_env({})
+    assert s.torch_device(cuda_available=True) == "cuda"
+    assert s.torch_device(cuda_available=False) == "cpu"
+    assert s.torch_dtype_name("cuda") == "bfloat16"
+    assert s.torch_dtype_name("cpu") == "float32"
+    assert Settings.from_env({"FALCON_DTYPE": "float16"}).torch_dtype_name("cuda") == "float16"
+
+
+@pytest.mark.parametrize("var,value", [("FALCON_MAX_BATCH_SIZE", "0"), ("FALCON_DEVICE", "tpu"),
+                                       ("FALCON_KV_CACHE_MEMORY_FRACTION", "1.5")])
+def test_invalid_settings_are_rejected(var: str, value: str) -> None:
+    with pytest.raises(ValidationError):
+        Settings.from_env({var: value})
