@@ -80,6 +80,7 @@ class FalconService:
 
             from .engine.engine import Engine, default_kv_budget
             from .engine.scheduler import BatchLimits
+            from .metrics import ServiceMetrics
 
             path = self.model_ref.path
             labels = self.model_ref.info.labels
@@ -95,7 +96,7 @@ class FalconService:
                 model, SETTINGS.kv_cache_memory_fraction, SETTINGS.max_batch_size, max_len
             )
             limits = BatchLimits(SETTINGS.max_batch_size, budget, SETTINGS.max_prefill_tokens, SETTINGS.max_queue_size)
-            self.engine = Engine(model, tokenizer, limits)
+            self.engine = Engine(model, tokenizer, limits, observer=ServiceMetrics(SETTINGS.model_name))
             serving.attach(self.engine)
             log.info("model %s ready on %s (%s); KV budget %d tokens", self.model_ref.tag, device, dtype, budget)
         except BaseException as exc:  # reported by __is_alive__ so that the orchestrator restarts us

@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -26,8 +27,8 @@ from .sampling import SamplingParams, SamplingState, TokenLogprob, sample
 from .scheduler import BatchLimits, BatchLoad, Demand, QueueFullError, Scheduler
 
 __all__ = [
-    "ChoiceEvent", "Engine", "EngineError", "GenerationRequest", "QueueFullError", "RequestStream",
-    "SamplingParams", "TokenLogprob",
+    "ChoiceEvent", "Engine", "EngineError", "EngineObserver", "GenerationRequest", "QueueFullError", "RequestRecord",
+    "RequestStream", "SamplingParams", "TokenLogprob",
 ]
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,27 @@ log = logging.getLogger(__name__)
 
 class EngineError(RuntimeError):
     """Generation failed inside the engine (the request gets a 500)."""
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    """What one finished request cost and how it went, for metrics and logs."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    time_to_first_token: float | None  # seconds from submit to the first token
+    time_per_output_token: float | None  # seconds per token after the first (longest choice)
+    finish_reason: str  # stop | length | abort | error
+
+
+class EngineObserver(Protocol):
+    """Receives the engine's measurements (metrics); called on the engine thread, so it must be quick."""
+
+    def on_step(self, waiting: int, running: int, cache_tokens: int) -> None: ...
+
+    def on_request_done(self, record: RequestRecord) -> None: ...
+
+    def on_rejected(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -72,6 +94,9 @@ class RequestStream:
         self._loop = loop
         self._queue: asyncio.Queue[list[ChoiceEvent] | BaseException] = asyncio.Queue()
         self._open = request.n
+        # engine-thread side: which choices ended how, and tokens made
+        self._ended: dict[int, str] = {}
+        self._generated: dict[int, int] = {}
 
     @property
     def finished(self) -> bool:
@@ -99,11 +124,40 @@ class RequestStream:
                 yield event
 
     # engine thread -> caller's loop
-    def _deliver(self, item: list[ChoiceEvent] | BaseException) -> None:
-        if self.first_token_at is None:
-            self.first_token_at = time.monotonic()
+    def _deliver(self, item: list[ChoiceEvent] | BaseException) -> RequestRecord | None:
+        """Send events to the caller; returns the request's record once its last choice has ended."""
+        now = time.monotonic()
+        record = None
+        if isinstance(item, BaseException):
+            if len(self._ended) < self.request.n:
+                self._ended.update({i: "error" for i in range(self.request.n)})
+                record = self._record(now)
+        else:
+            if self.first_token_at is None and any(e.token_ids for e in item):
+                self.first_token_at = now
+            for event in item:
+                self._generated[event.index] = self._generated.get(event.index, 0) + len(event.token_ids)
+                if event.finish_reason is not None:
+                    self._ended[event.index] = event.finish_reason
+                    if len(self._ended) == self.request.n:
+                        record = self._record(now)
+        # measured before the caller hears of the end, so metrics are never behind what a client saw
+        if record is not None and self._engine.observer is not None:
+            self._engine.observer.on_request_done(record)
         with contextlib.suppress(RuntimeError):  # the caller's loop is closed: nobody listens any more
             self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        return record
+
+    def _record(self, now: float) -> RequestRecord:
+        reasons = set(self._ended.values())
+        reason = next((r for r in ("error", "abort", "length") if r in reasons), "stop")
+        longest = max(self._generated.values(), default=0)
+        ttft = tpot = None
+        if self.first_token_at is not None:
+            ttft = self.first_token_at - self.submitted_at
+            if longest > 1:
+                tpot = (now - self.first_token_at) / (longest - 1)
+        return RequestRecord(self.prompt_tokens, sum(self._generated.values()), ttft, tpot, reason)
 
 
 class _Sequence:
@@ -155,8 +209,12 @@ def kv_bytes_per_token(model: PreTrainedModel) -> int:
 class Engine:
     """Iteration-level batching: new requests join at the next step, finished ones leave at once."""
 
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, limits: BatchLimits) -> None:
+    def __init__(
+        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, limits: BatchLimits,
+        observer: EngineObserver | None = None,
+    ) -> None:
         self.model = model.eval()
+        self.observer = observer
         self.tokenizer = tokenizer
         self.limits = limits
         self.max_model_len = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
@@ -185,7 +243,12 @@ class Engine:
         stream = RequestStream(self, request, asyncio.get_running_loop())
         demand = Demand(request.n, len(request.prompt_ids), request.params.max_tokens)
         with self._wake:
-            self.scheduler.add(stream, demand)
+            try:
+                self.scheduler.add(stream, demand)
+            except QueueFullError:
+                if self.observer is not None:
+                    self.observer.on_rejected()
+                raise
             self._wake.notify()
         return stream
 
@@ -230,6 +293,9 @@ class Engine:
             except Exception as exc:  # a failing step must not take the server down
                 log.exception("generation step failed")
                 self._fail_all(EngineError(f"generation failed: {exc}"), admitted_too=admitted)
+            if self.observer is not None:
+                stats = self.stats()
+                self.observer.on_step(stats["waiting"], stats["running"], stats["cache_tokens"])
         self._fail_all(EngineError("the engine is shutting down"))
 
     def _load(self) -> BatchLoad:
