@@ -5,6 +5,7 @@ This is the only module that knows BentoML, the engine and the API layer togethe
 
 from __future__ import annotations
 
+import hmac
 import logging
 import os
 import threading
@@ -42,6 +43,16 @@ def _settings() -> Settings:
 SETTINGS = _settings()
 serving = OpenAIServing(SETTINGS.model_name, default_chat_stop=SETTINGS.default_chat_stop)
 openai_app = create_app(serving, SETTINGS.api_key)
+
+
+def _authorize(ctx: bentoml.Context) -> None:
+    """The native APIs take the same API key as /v1 (`bentoml.SyncHTTPClient(url, token=key)`)."""
+    if not SETTINGS.api_key:
+        return
+    scheme, _, token = ctx.request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), SETTINGS.api_key.encode()):
+        raise BentoMLException("Invalid or missing API key (send `Authorization: Bearer <key>`).",
+                               error_code=HTTPStatus.UNAUTHORIZED)
 
 
 def _bento_error(exc: BaseException) -> BentoMLException:
@@ -123,8 +134,10 @@ class FalconService:
         frequency_penalty: float = 0.0,
         repetition_penalty: float = 1.0,
         ignore_eos: bool = False,
+        ctx: bentoml.Context = None,  # type: ignore[assignment]
     ) -> AsyncGenerator[str, None]:
         """Stream the completion of `prompt` as text chunks."""
+        _authorize(ctx)
         try:
             body = CompletionRequest(model=serving.model_name, prompt=prompt, max_tokens=max_tokens,
                                      temperature=temperature, top_p=top_p, top_k=top_k, stop=stop, seed=seed,
@@ -152,8 +165,10 @@ class FalconService:
         presence_penalty: float = 0.0,
         frequency_penalty: float = 0.0,
         repetition_penalty: float = 1.0,
+        ctx: bentoml.Context = None,  # type: ignore[assignment]
     ) -> dict[str, Any]:
         """Answer a conversation; returns the reply, the finish reason and token usage."""
+        _authorize(ctx)
         try:
             body = ChatCompletionRequest(model=serving.model_name, messages=messages, max_tokens=max_tokens,
                                          temperature=temperature, top_p=top_p, top_k=top_k, stop=stop, seed=seed,

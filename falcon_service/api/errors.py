@@ -82,12 +82,11 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
+        if first.get("type") == "json_invalid":
+            return bad_request("The request body is not valid JSON.").response()
         param = _param(tuple(first.get("loc", ())))
         msg = first.get("msg", "invalid request")
-        if first.get("type") == "json_invalid":
-            message = "The request body is not valid JSON."
-        else:
-            message = f"Invalid value for `{param}`: {msg}" if param else msg
+        message = f"Invalid value for `{param}`: {msg}" if param else msg
         return bad_request(message, param=param).response()
 
     @app.exception_handler(StarletteHTTPException)
@@ -95,6 +94,11 @@ def install_error_handlers(app: FastAPI) -> None:
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
         return APIError(exc.status_code, str(exc.detail), type=kind).response()
 
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    async def _mapped(_: Request, exc: Exception) -> JSONResponse:
         return to_api_error(exc).response()
+
+    # Each failure class gets its own handler: Starlette answers a bare `Exception` handler from its
+    # outermost middleware and then re-raises, which closes the client's keep-alive connection.
+    for cls in (QueueFullError, EngineError, ValueError):
+        app.add_exception_handler(cls, _mapped)
+    app.add_exception_handler(Exception, _mapped)

@@ -78,6 +78,10 @@ def build_router() -> APIRouter:
             return _respond(serving.completion_stream(body))
         return _respond(await _until_disconnect(request, serving.completion(body)))
 
+    @router.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
+    async def unknown(path: str) -> JSONResponse:
+        raise APIError(404, f"Unknown endpoint /v1/{path}.", code="unknown_url")
+
     return router
 
 
