@@ -1,0 +1,82 @@
+"""The service starts without waiting for the model: __init__ returns at once, /health and
+/readyz say 503 while the weights load, then 200; a failed load marks the service dead."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+SCRIPT = textwrap.dedent(
+    """
+    import asyncio, threading, time
+    import transformers
+    import httpx
+
+    release = threading.Event()
+    real = transformers.AutoModelForCausalLM.from_pretrained
+
+    def slow_from_pretrained(*args, **kwargs):  # stands in for minutes of loading 14 GB of weights
+        assert release.wait(30)
+        if FAIL:
+            raise RuntimeError("weights are corrupt")
+        return real(*args, **kwargs)
+
+    transformers.AutoModelForCausalLM.from_pretrained = slow_from_pretrained
+    from falcon_service import service
+
+    async def health():
+        transport = httpx.ASGITransport(app=service.openai_app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            return (await c.get("/health")).status_code
+
+    started = time.monotonic()
+    svc = service.FalconService.inner()
+    print("init_seconds", round(time.monotonic() - started, 3))
+    print("loading", svc.__is_ready__(), svc.__is_alive__(), asyncio.run(health()))
+    release.set()
+    for _ in range(600):
+        if svc.__is_ready__() or not svc.__is_alive__():
+            break
+        time.sleep(0.05)
+    print("after", svc.__is_ready__(), svc.__is_alive__(), asyncio.run(health()))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    sys.path.insert(0, str(REPO))
+    from import_model import import_random
+
+    home = tmp_path_factory.mktemp("bentoml_home")
+    return home, import_random("tiny", bentoml_home=home).name
+
+
+def run(store: tuple[Path, str], fail: bool) -> dict[str, list[str]]:
+    home, name = store
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FALCON_")}
+    env.update(BENTOML_HOME=str(home), FALCON_MODEL=name, PYTHONPATH=str(REPO))
+    out = subprocess.run([sys.executable, "-c", f"FAIL = {fail}\n" + SCRIPT], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return {line.split()[0]: line.split()[1:] for line in out.stdout.splitlines() if line.strip()}
+
+
+def test_model_loads_in_background_and_readiness_follows(store) -> None:
+    lines = run(store, fail=False)
+    assert float(lines["init_seconds"][0]) < 5, "__init__ waited for the model"
+    assert lines["loading"] == ["False", "True", "503"]
+    assert lines["after"] == ["True", "True", "200"]
+
+
+def test_failed_load_marks_service_dead(store) -> None:
+    lines = run(store, fail=True)
+    assert lines["loading"] == ["False", "True", "503"]
+    assert lines["after"] == ["False", "False", "503"]
