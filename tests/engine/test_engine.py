@@ -1,0 +1,397 @@
+"""Engine end to end on the tiny random Falcon: parity with `generate`, batch invariance, n, finish, abort, failure."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from falcon_service.engine.engine import (
+    ChoiceEvent,
+    Engine,
+    EngineError,
+    GenerationRequest,
+    RequestStream,
+    SamplingParams,
+)
+from falcon_service.engine.scheduler import BatchLimits
+
+STREAM_TIMEOUT = 60.0  # a bound on waiting for events, never a speed assertion
+ROOMY = BatchLimits(max_batch_size=32, max_batch_tokens=32 * 2048, max_prefill_tokens=4096, max_queue_size=64)
+
+TEXTS = [
+    "Hi",
+    "The falcon is a bird of prey.",
+    "User: what do falcons eat?\nAssistant:",
+    "A server batches requests to use the GPU well. Large language models predict the next token, one at a time.",
+    "def add(a, b):\n    return a + b\n",
+]
+
+
+@dataclass
+class Choice:
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    finishes: int = 0
+
+
+async def collect(events: RequestStream | AsyncIterator[ChoiceEvent], into: dict[int, Choice] | None = None
+                  ) -> dict[int, Choice]:
+    """All remaining events of a stream, per choice index (a stream that never ends fails the test)."""
+    choices = into if into is not None else {}
+    async with asyncio.timeout(STREAM_TIMEOUT):
+        async for event in events:
+            choice = choices.setdefault(event.index, Choice())
+            assert choice.finish_reason is None, f"event for choice {event.index} after it finished"
+            choice.tokens += event.token_ids
+            choice.logprobs += [lp.logprob for lp in event.logprobs]
+            choice.text += event.text
+            if event.finish_reason is not None:
+                choice.finish_reason = event.finish_reason
+                choice.finishes += 1
+    return choices
+
+
+async def run_one(engine: Engine, prompt: list[int], params: SamplingParams, n: int = 1) -> dict[int, Choice]:
+    return await collect(engine.submit(GenerationRequest(tuple(prompt), params, n)))
+
+
+async def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Poll `predicate` until it holds; fail the test after `timeout` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        assert loop.time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.005)
+
+
+def greedy(max_tokens: int, **kw) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, **kw)
+
+
+@pytest.fixture
+def make_engine(tiny_tokenizer):
+    """Build engines on a model (the tiny one by default); all are shut down after the test."""
+    engines: list[Engine] = []
+
+    def make(model, limits: BatchLimits = ROOMY) -> Engine:
+        engine = Engine(model, tiny_tokenizer, limits)
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        running = getattr(engine.model, "running", None)
+        if running is not None:
+            running.set()
+        engine.shutdown()
+
+
+@pytest.fixture
+def prompts(tiny_tokenizer) -> list[list[int]]:
+    ids = [tiny_tokenizer.encode(t, add_special_tokens=False) for t in TEXTS]
+    assert len({len(p) for p in ids}) == len(ids), "prompts should all have different lengths"
+    return ids
+
+
+def decode_rows(model) -> list[int]:
+    """Batch rows of every decode step (one new token per row) the controlled model ran."""
+    return [rows for rows, new, _ in model.calls if new == 1]
+
+
+# ---------- parity with transformers ----------
+
+
+async def test_greedy_matches_generate(make_engine, tiny_model, tiny_tokenizer, prompts):
+    engine = make_engine(tiny_model)
+    max_new = 12
+    expected, expected_logprobs = [], []
+    for prompt in prompts:
+        out = tiny_model.generate(
+            torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=max_new, do_sample=False, pad_token_id=tiny_tokenizer.eos_token_id,
+            output_logits=True, return_dict_in_generate=True,
+        )
+        tokens = out.sequences[0, len(prompt):].tolist()
+        expected.append(tokens)
+        expected_logprobs.append([float(lg[0].log_softmax(-1)[t]) for lg, t in zip(out.logits, tokens, strict=True)])
+    assert len({tuple(e) for e in expected}) > 1, "the prompts should lead to different outputs"
+
+    params = greedy(max_new, logprobs=0)
+    alone = [(await run_one(engine, p, params))[0] for p in prompts]
+    together = [c[0] for c in await asyncio.gather(*(run_one(engine, p, params) for p in prompts))]
+    for got in (alone, together):
+        assert [c.tokens for c in got] == expected
+        for choice, want in zip(got, expected_logprobs, strict=True):
+            assert choice.logprobs == pytest.approx(want, abs=1e-4)
+
+
+# ---------- batch invariance ----------
+
+
+async def test_staggered_greedy_requests_match_running_alone(make_engine, controlled_model, prompts):
+    engine = make_engine(controlled_model)
+    first = [(prompts[1], 30), (prompts[2], 34), (prompts[0], 38)]
+    later = [(prompts[3], 6), (prompts[4], 10), (prompts[0], 14)]
+
+    def params(max_tokens: int) -> SamplingParams:
+        return greedy(max_tokens, ignore_eos=True, logprobs=0)
+
+    alone = [(await run_one(engine, p, params(m)))[0] for p, m in first + later]
+    controlled_model.calls.clear()
+
+    streams = [engine.submit(GenerationRequest(tuple(p), params(m))) for p, m in first]
+    results: list[dict[int, Choice]] = [{} for _ in first + later]
+    iterators = [aiter(s) for s in streams]
+    for it, res in zip(iterators, results, strict=False):  # every early request is decoding now
+        event = await asyncio.wait_for(anext(it), STREAM_TIMEOUT)
+        res[0] = Choice(tokens=list(event.token_ids), logprobs=[lp.logprob for lp in event.logprobs], text=event.text)
+    controlled_model.running.clear()  # hold the engine so the later requests surely join a running batch
+    streams += [engine.submit(GenerationRequest(tuple(p), params(m))) for p, m in later]
+    controlled_model.running.set()
+    await asyncio.gather(
+        *(collect(it, res) for it, res in zip(iterators, results, strict=False)),
+        *(collect(s, res) for s, res in zip(streams[len(first):], results[len(first):], strict=True)),
+    )
+
+    assert max(decode_rows(controlled_model)) == len(first) + len(later), "the later requests did not join"
+    for (prompt, max_tokens), got, want in zip(first + later, results, alone, strict=True):
+        assert got[0].tokens == want.tokens, f"prompt of {len(prompt)} tokens differs in a batch"
+        assert got[0].text == want.text
+        assert got[0].logprobs == pytest.approx(want.logprobs, abs=1e-4)
+        assert len(got[0].tokens) == max_tokens and got[0].finish_reason == "length"
+
+
+async def test_seeded_sampling_does_not_depend_on_the_batch(make_engine, controlled_model, prompts):
+    engine = make_engine(controlled_model)
+    seeded = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=123, ignore_eos=True)
+    alone = (await run_one(engine, prompts[2], seeded))[0].tokens
+    # the test means something only if sampling actually departs from greedy and depends on the seed
+    assert alone != (await run_one(engine, prompts[2], greedy(12, ignore_eos=True)))[0].tokens
+    other_seed = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=124, ignore_eos=True)
+    assert alone != (await run_one(engine, prompts[2], other_seed))[0].tokens
+    assert alone == (await run_one(engine, prompts[2], seeded))[0].tokens
+
+    others = [
+        (prompts[0], SamplingParams(max_tokens=9, temperature=1.0), 1),
+        (prompts[1], greedy(15), 1),
+        (prompts[3], SamplingParams(max_tokens=7, temperature=0.7, top_k=5, seed=9), 2),
+        (prompts[4], SamplingParams(max_tokens=20, temperature=1.3), 1),
+        (prompts[2], SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9), 1),
+        (prompts[0], SamplingParams(max_tokens=5, temperature=1.0, presence_penalty=1.0, frequency_penalty=0.5), 1),
+        (prompts[1], SamplingParams(max_tokens=11, temperature=0.9, repetition_penalty=1.3, seed=123), 1),
+        (prompts[3], SamplingParams(max_tokens=13, temperature=1.0, logit_bias={5: 3.0}), 1),
+    ]
+    controlled_model.calls.clear()
+    controlled_model.running.clear()
+    tasks = [run_one(engine, p, params, n) for p, params, n in others[:4]]
+    tasks.append(run_one(engine, prompts[2], seeded))
+    tasks += [run_one(engine, p, params, n) for p, params, n in others[4:]]
+    pending = asyncio.gather(*tasks)
+    await asyncio.sleep(0)  # let every request be submitted while the engine is held
+    controlled_model.running.set()
+    results = await pending
+    assert max(decode_rows(controlled_model)) >= 9
+    assert results[4][0].tokens == alone
+
+
+# ---------- n choices ----------
+
+
+async def test_n_choices_stream_separately_and_finish(make_engine, tiny_model, prompts):
+    engine = make_engine(tiny_model)
+    params = SamplingParams(max_tokens=8, temperature=1.0, seed=7, ignore_eos=True)
+    choices = await run_one(engine, prompts[1], params, n=3)
+    assert sorted(choices) == [0, 1, 2]
+    for choice in choices.values():
+        assert choice.finishes == 1 and choice.finish_reason == "length" and len(choice.tokens) == 8
+    assert len({tuple(c.tokens) for c in choices.values()}) == 3, "choices of one seeded request must differ"
+
+    again = await run_one(engine, prompts[1], params, n=3)
+    assert {i: c.tokens for i, c in again.items()} == {i: c.tokens for i, c in choices.items()}
+
+
+async def test_n_choices_at_temperature_zero_are_identical(make_engine, tiny_model, prompts):
+    engine = make_engine(tiny_model)
+    choices = await run_one(engine, prompts[2], greedy(8), n=3)
+    assert sorted(choices) == [0, 1, 2]
+    single = (await run_one(engine, prompts[2], greedy(8)))[0]
+    for choice in choices.values():
+        assert choice.finishes == 1
+        assert choice.tokens == single.tokens and choice.text == single.text
+
+
+# ---------- finish reasons ----------
+
+
+async def test_max_tokens_finishes_with_length(make_engine, tiny_model, prompts):
+    engine = make_engine(tiny_model)
+    for max_tokens in (1, 5):
+        choice = (await run_one(engine, prompts[1], SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=1)))[0]
+        assert choice.finish_reason == "length"
+        assert len(choice.tokens) == max_tokens
+
+
+async def test_eos_finishes_with_stop_and_no_text(make_engine, tiny_model, tiny_tokenizer, prompts):
+    engine = make_engine(tiny_model)
+    eos = tiny_tokenizer.eos_token_id
+    choice = (await run_one(engine, prompts[1], greedy(10, logit_bias={eos: 100.0})))[0]
+    assert choice.tokens == [eos]
+    assert choice.finish_reason == "stop"
+    assert choice.text == ""
+
+
+async def test_ignore_eos_keeps_generating_past_eos(make_engine, tiny_model, tiny_tokenizer, prompts):
+    engine = make_engine(tiny_model)
+    eos = tiny_tokenizer.eos_token_id
+    choice = (await run_one(engine, prompts[1], greedy(6, logit_bias={eos: 100.0}, ignore_eos=True)))[0]
+    assert choice.tokens == [eos] * 6
+    assert choice.finish_reason == "length"
+
+
+async def test_stop_string_finishes_with_stop_and_is_trimmed(make_engine, tiny_model, prompts):
+    engine = make_engine(tiny_model)
+    full = (await run_one(engine, prompts[3], greedy(16, ignore_eos=True)))[0]
+    assert len(full.text) >= 6, full.text
+    stop = full.text[len(full.text) // 2 : len(full.text) // 2 + 2]
+    expected = full.text[: full.text.index(stop)]
+
+    choice = (await run_one(engine, prompts[3], greedy(16, ignore_eos=True, stop=(stop,))))[0]
+    assert choice.finish_reason == "stop"
+    assert choice.text == expected
+    assert stop not in choice.text
+    assert len(choice.tokens) < 16
+    assert choice.tokens == full.tokens[: len(choice.tokens)]
+
+
+# ---------- abort ----------
+
+
+async def test_abort_frees_the_batch_and_the_engine_serves_on(make_engine, controlled_model, prompts):
+    engine = make_engine(controlled_model)
+    long = SamplingParams(max_tokens=1500, temperature=1.0, ignore_eos=True)
+    streams = [engine.submit(GenerationRequest(tuple(p), long, n)) for p, n in zip(prompts[:4], (1, 2, 1, 1),
+                                                                                    strict=True)]
+    iterators = [aiter(s) for s in streams]
+    for it in iterators:
+        await asyncio.wait_for(anext(it), STREAM_TIMEOUT)
+    controlled_model.running.clear()
+    for s in streams:
+        s.abort()
+    controlled_model.running.set()
+    for stream, it in zip(streams, iterators, strict=True):
+        await collect(it)
+        assert stream.finished
+        assert set(stream.finish_reasons.values()) == {"abort"}
+        assert stream.completion_tokens < 1500 * stream.request.n
+
+    await wait_for(lambda: engine.stats() == {"running": 0, "waiting": 0, "cache_tokens": 0})
+    choice = (await run_one(engine, prompts[0], greedy(4)))[0]
+    assert choice.finish_reason == "length" and len(choice.tokens) == 4
+
+
+async def test_abort_while_waiting_leaves_the_queue(make_engine, tiny_model, prompts):
+    engine = make_engine(tiny_model, BatchLimits(max_batch_size=1, max_batch_tokens=4096, max_prefill_tokens=4096,
+                                                 max_queue_size=4))
+    running = engine.submit(GenerationRequest(tuple(prompts[0]), SamplingParams(max_tokens=1500, ignore_eos=True)))
+    it = aiter(running)
+    await asyncio.wait_for(anext(it), STREAM_TIMEOUT)
+    waiting = engine.submit(GenerationRequest(tuple(prompts[1]), greedy(4), n=2))
+    assert engine.stats()["waiting"] == 1
+    waiting.abort()
+    choices = await collect(waiting)
+    assert {i: (c.tokens, c.finish_reason) for i, c in choices.items()} == {0: ([], "abort"), 1: ([], "abort")}
+    assert engine.stats()["waiting"] == 0
+    running.abort()
+    await collect(it)
+    assert running.finish_reasons == {0: "abort"}
+    await wait_for(lambda: engine.stats() == {"running": 0, "waiting": 0, "cache_tokens": 0})
+
+
+# ---------- failures ----------
+
+
+async def test_failing_forward_fails_the_running_streams_only_then_serves(make_engine, controlled_model, prompts):
+    engine = make_engine(controlled_model)
+    long = SamplingParams(max_tokens=1500, temperature=1.0, ignore_eos=True)
+    streams = [engine.submit(GenerationRequest(tuple(p), long)) for p in prompts[:3]]
+    iterators = [aiter(s) for s in streams]
+    for it in iterators:
+        await asyncio.wait_for(anext(it), STREAM_TIMEOUT)
+    controlled_model.running.clear()
+    controlled_model.fail = True
+    controlled_model.running.set()
+    for it in iterators:
+        with pytest.raises(EngineError):
+            await collect(it)
+    await wait_for(lambda: engine.stats() == {"running": 0, "waiting": 0, "cache_tokens": 0})
+
+    controlled_model.fail = False
+    choices = await asyncio.gather(*(run_one(engine, p, greedy(5)) for p in prompts[:2]))
+    assert [c[0].finish_reason for c in choices] == ["length", "length"]
+    assert [len(c[0].tokens) for c in choices] == [5, 5]
+
+
+async def test_failing_prefill_fails_the_new_request(make_engine, controlled_model, prompts):
+    engine = make_engine(controlled_model)
+    controlled_model.fail = True
+    with pytest.raises(EngineError):
+        await run_one(engine, prompts[1], greedy(5), n=2)
+    controlled_model.fail = False
+    choice = (await run_one(engine, prompts[1], greedy(5)))[0]
+    assert choice.finish_reason == "length" and len(choice.tokens) == 5
+
+
+# ---------- limits ----------
+
+
+async def _run_sampling_stats(engine: Engine, requests: list[tuple[list[int], SamplingParams]]
+                              ) -> tuple[list[dict[int, Choice]], list[dict[str, int]]]:
+    seen: list[dict[str, int]] = []
+    done = asyncio.Event()
+
+    async def watch() -> None:
+        while not done.is_set():
+            seen.append(engine.stats())
+            await asyncio.sleep(0.001)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        results = await asyncio.gather(*(run_one(engine, p, params) for p, params in requests))
+    finally:
+        done.set()
+        await watcher
+    return results, seen
+
+
+async def test_max_batch_size_bounds_the_running_batch(make_engine, controlled_model, prompts):
+    limits = BatchLimits(max_batch_size=2, max_batch_tokens=32 * 2048, max_prefill_tokens=4096, max_queue_size=16)
+    engine = make_engine(controlled_model, limits)
+    requests = [(p, greedy(8 + i, ignore_eos=True)) for i, p in enumerate(prompts)]
+    results, seen = await _run_sampling_stats(engine, requests)
+
+    for (_, params), res in zip(requests, results, strict=True):
+        assert res[0].finish_reason == "length" and len(res[0].tokens) == params.max_tokens
+    assert seen and max(s["running"] for s in seen) <= 2
+    assert max(rows for rows, _, _ in controlled_model.calls) <= 2
+    assert max(decode_rows(controlled_model)) == 2, "two requests should have decoded together"
+
+
+async def test_kv_token_budget_bounds_the_running_batch(make_engine, controlled_model, tiny_tokenizer):
+    prompt = tiny_tokenizer.encode("The falcon is a bird of prey.", add_special_tokens=False)
+    max_tokens = 10
+    budget = 2 * (len(prompt) + max_tokens)  # room for two such sequences, not three
+    limits = BatchLimits(max_batch_size=16, max_batch_tokens=budget, max_prefill_tokens=4096, max_queue_size=16)
+    engine = make_engine(controlled_model, limits)
+    results, seen = await _run_sampling_stats(engine, [(prompt, greedy(max_tokens, ignore_eos=True))] * 5)
+
+    assert all(r[0].finish_reason == "length" and len(r[0].tokens) == max_tokens for r in results)
+    assert max(s["running"] for s in seen) <= 2
+    assert max(s["cache_tokens"] for s in seen) <= budget
+    assert all(rows * width <= budget for rows, _, width in controlled_model.calls)
+    assert max(decode_rows(controlled_model)) == 2
