@@ -26,6 +26,9 @@ class Settings(BaseModel):
     kv_cache_memory_fraction: float = Field(
         0.5, gt=0, le=0.95, description="share of free memory the default KV-cache budget may use"
     )
+    torch_threads: int | None = Field(
+        None, ge=1, description="CPU threads of the engine's torch work; default: OMP_NUM_THREADS, else all cores"
+    )
     max_prefill_tokens: int = Field(2048, ge=1, description="prompt tokens prefilled in one engine step")
     max_queue_size: int = Field(256, ge=0, description="requests waiting for a batch slot before 429")
     api_key: str | None = Field(None, description="when set, /v1 requires `Authorization: Bearer <key>`")

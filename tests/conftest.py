@@ -33,41 +33,46 @@ def tiny_model(tiny_checkpoint: Path):
 
 
 class ControlledModel:
-    """Wraps the tiny model so a test can make its forward fail, pause it, and see the shapes it ran.
+    """The tiny model with a handle on its engine's forward passes: a test can make them fail, pause
+    them, and see the shapes they ran.
 
-    `fail = True` makes every forward raise; clearing `running` blocks the next forward until it is set
-    again; `calls` records `(rows, new tokens, attention-mask width)` of every forward.
+    Engines built with `runner_factory=controlled.runner_factory` run through it. `fail = True` makes
+    every forward raise; clearing `running` blocks the next forward until it is set again; `calls`
+    records `(rows, new tokens per row, attention width)` of every prefill and decode.
     """
 
     def __init__(self, inner) -> None:
         import threading
 
         self.inner = inner
-        self.config = inner.config
         self.fail = False
         self.running = threading.Event()
         self.running.set()
         self.calls: list[tuple[int, int, int]] = []
 
-    @property
-    def device(self):
-        return self.inner.device
-
-    @property
-    def dtype(self):
-        return self.inner.dtype
-
-    def eval(self) -> ControlledModel:
-        return self
-
-    def __call__(self, **kwargs):
+    def _gate(self, shape: tuple[int, int, int]) -> None:
         if not self.running.wait(timeout=30):
             raise RuntimeError("ControlledModel stayed paused for 30 s")
         if self.fail:
             raise RuntimeError("injected forward failure")
-        ids, mask = kwargs["input_ids"], kwargs["attention_mask"]
-        self.calls.append((ids.shape[0], ids.shape[1], mask.shape[1]))
-        return self.inner(**kwargs)
+        self.calls.append(shape)
+
+    def runner_factory(self, model, rows: int, max_len: int):
+        from falcon_service.engine.falcon import FalconRunner
+
+        controlled = self
+
+        class ControlledRunner(FalconRunner):
+            def decode(self, tokens, lengths, rows=None):
+                controlled._gate((tokens.shape[0], 1, int(lengths.max()) + 1))
+                return super().decode(tokens, lengths, rows)
+
+            def prefill(self, rows, chunks, offsets):
+                controlled._gate((len(rows), max(len(c) for c in chunks),
+                                  max(o + len(c) for o, c in zip(offsets, chunks, strict=True))))
+                return super().prefill(rows, chunks, offsets)
+
+        return ControlledRunner(model, rows, max_len)
 
 
 @pytest.fixture

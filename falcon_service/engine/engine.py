@@ -13,9 +13,9 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import torch
@@ -23,6 +23,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .batch import RunningBatch
 from .detokenizer import IncrementalDetokenizer, StopMatcher
+from .falcon import FalconRunner
 from .sampling import SamplingParams, SamplingState, TokenLogprob, sample
 from .scheduler import BatchLimits, BatchLoad, Demand, QueueFullError, Scheduler
 
@@ -206,22 +207,31 @@ def kv_bytes_per_token(model: PreTrainedModel) -> int:
     return 2 * cfg.num_hidden_layers * kv_heads * head_dim * model.dtype.itemsize
 
 
+RunnerFactory = Callable[[PreTrainedModel, int, int], FalconRunner]
+
+
 class Engine:
     """Iteration-level batching: new requests join at the next step, finished ones leave at once."""
 
     def __init__(
         self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, limits: BatchLimits,
-        observer: EngineObserver | None = None,
+        observer: EngineObserver | None = None, runner_factory: RunnerFactory = FalconRunner,
+        threads: int | None = None,
     ) -> None:
         self.model = model.eval()
+        self.threads = threads
         self.observer = observer
         self.tokenizer = tokenizer
         self.limits = limits
         self.max_model_len = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
         self.eos_token_id = tokenizer.eos_token_id
         self.vocab_size = model.config.vocab_size
-        self.scheduler: Scheduler[RequestStream] = Scheduler(limits)
-        self._batch: RunningBatch | None = None
+        # every row of the KV cache can hold a whole context: the token budget decides the rows
+        rows = max(1, min(limits.max_batch_size, limits.max_batch_tokens // self.max_model_len))
+        self.limits = replace(limits, max_batch_size=rows)
+        self.scheduler: Scheduler[RequestStream] = Scheduler(self.limits)
+        self._runner = runner_factory(self.model, rows, self.max_model_len)
+        self._batch = RunningBatch(self._runner)
         self._sequences: list[_Sequence] = []
         self._next_tokens: list[int] = []
         self._aborted: set[RequestStream] = set()
@@ -240,6 +250,9 @@ class Engine:
             raise ValueError("the prompt is empty")
         if len(request.prompt_ids) + request.params.max_tokens > self.max_model_len:
             raise ValueError("prompt plus max_tokens exceeds the model's context length")
+        if request.n > self.limits.max_batch_size:
+            raise ValueError(f"n={request.n} is more than the {self.limits.max_batch_size} sequences "
+                             "this server decodes at once")
         stream = RequestStream(self, request, asyncio.get_running_loop())
         demand = Demand(request.n, len(request.prompt_ids), request.params.max_tokens)
         with self._wake:
@@ -259,11 +272,10 @@ class Engine:
 
     def stats(self) -> dict[str, int]:
         """Point-in-time counts for metrics and health checks."""
-        batch = self._batch
         return {
             "waiting": self.scheduler.num_waiting,
             "running": len(self._sequences),
-            "cache_tokens": batch.cache_tokens if batch is not None else 0,
+            "cache_tokens": self._batch.cache_tokens,
         }
 
     def shutdown(self, timeout: float = 10.0) -> None:
@@ -275,6 +287,9 @@ class Engine:
     # ---- engine thread ----
 
     def _run(self) -> None:
+        if self.threads:
+            # OpenMP teams belong to the thread that starts them: the step loop's team is this thread's
+            torch.set_num_threads(self.threads)
         while True:
             with self._wake:
                 while not (self._stopping or self._aborted or self._sequences or self.scheduler.num_waiting):
@@ -299,12 +314,7 @@ class Engine:
         self._fail_all(EngineError("the engine is shutting down"))
 
     def _load(self) -> BatchLoad:
-        batch = self._batch
-        return BatchLoad(
-            rows=len(self._sequences),
-            width=batch.width if batch is not None else 0,
-            max_remaining=max((s.remaining for s in self._sequences), default=0),
-        )
+        return BatchLoad(rows=len(self._sequences))
 
     def _drop_aborted(self, aborted: set[RequestStream]) -> None:
         if not aborted:
@@ -315,26 +325,24 @@ class Engine:
         for seq in gone:
             seq.stream._deliver([ChoiceEvent(seq.index, "", finish_reason="abort")])
         if gone:
-            self._keep([i for i, s in enumerate(self._sequences) if s.stream not in aborted])
+            self._remove([i for i, s in enumerate(self._sequences) if s.stream in aborted])
 
-    def _keep(self, rows: list[int]) -> None:
-        """Shrink the batch to `rows`, freeing the cache of everything else."""
-        self._sequences = [self._sequences[i] for i in rows]
-        self._next_tokens = [self._next_tokens[i] for i in rows]
-        self._batch = self._batch.select(rows) if rows and self._batch is not None else None
+    def _remove(self, rows: list[int]) -> None:
+        """Take these rows out of the batch, freeing their cache rows for new requests."""
+        order = self._batch.remove(rows)
+        self._sequences = [self._sequences[i] for i in order]
+        self._next_tokens = [self._next_tokens[i] for i in order]
 
     def _prefill(self, streams: list[RequestStream]) -> None:
         prompts = [s.request.prompt_ids for s in streams]
-        batch, logits = RunningBatch.prefill(self.model, prompts, [s.request.n for s in streams])
+        logits = self._batch.add(prompts, [s.request.n for s in streams])
         new = [_Sequence(s, i, self.tokenizer, self.vocab_size) for s in streams for i in range(s.request.n)]
-        self._batch = batch if self._batch is None else self._batch.concatenate(batch)
         self._sequences += new
         self._next_tokens += [0] * len(new)
         self._accept(logits, first_row=len(self._sequences) - len(new))
 
     def _decode(self) -> None:
-        assert self._batch is not None
-        logits = self._batch.step(self.model, self._next_tokens)
+        logits = self._batch.step(self._next_tokens)
         self._accept(logits, first_row=0)
 
     def _accept(self, logits: torch.Tensor, first_row: int) -> None:
@@ -348,7 +356,7 @@ class Engine:
         for stream, batch_events in events.items():
             stream._deliver(batch_events)
         if any(s.finish_reason for s in seqs):
-            self._keep([i for i, s in enumerate(self._sequences) if s.finish_reason is None])
+            self._remove([i for i, s in enumerate(self._sequences) if s.finish_reason is not None])
 
     def _fail_all(self, error: EngineError, admitted_too: Seq[RequestStream] | None = None) -> None:
         streams = {s.stream for s in self._sequences} | set(admitted_too or ())
@@ -356,7 +364,8 @@ class Engine:
             streams |= set(self.scheduler.remove(lambda _: True))
         for stream in streams:
             stream._deliver(error)
-        self._sequences, self._next_tokens, self._batch = [], [], None
+        self._sequences, self._next_tokens = [], []
+        self._batch = RunningBatch(self._runner)
 
 
 def default_kv_budget(model: PreTrainedModel, memory_fraction: float, max_rows: int, max_len: int) -> int:

@@ -19,7 +19,7 @@ class BatchLimits:
     """Bounds on the running batch and on the prefill work of one step."""
 
     max_batch_size: int  # sequences decoding together (n choices count each)
-    max_batch_tokens: int  # KV-cache slots, padding included
+    max_batch_tokens: int  # KV-cache token budget; each sequence reserves a whole context of it
     max_prefill_tokens: int  # prompt tokens prefilled in one step (one longer prompt may go alone)
     max_queue_size: int  # requests waiting to be admitted
 
@@ -35,11 +35,9 @@ class Demand:
 
 @dataclass(frozen=True)
 class BatchLoad:
-    """What the running batch holds and may still grow to."""
+    """What the running batch holds."""
 
     rows: int
-    width: int
-    max_remaining: int
 
 
 class Scheduler(Generic[T]):
@@ -70,11 +68,8 @@ class Scheduler(Generic[T]):
             return gone
 
     def fits(self, load: BatchLoad, demands: list[Demand]) -> bool:
-        """Whether the batch plus `demands` stays within the row and KV-cache budgets until all finish."""
-        rows = load.rows + sum(d.rows for d in demands)
-        width = max([load.width, *(d.prompt_len for d in demands)])
-        remaining = max([load.max_remaining, *(d.max_new_tokens for d in demands)])
-        return rows <= self.limits.max_batch_size and rows * (width + remaining) <= self.limits.max_batch_tokens
+        """Whether the batch has a free KV-cache row for every sequence in `demands`."""
+        return load.rows + sum(d.rows for d in demands) <= self.limits.max_batch_size
 
     def admit(self, load: BatchLoad) -> list[T]:
         """Pop the requests, in arrival order, that join the batch at this step."""
@@ -86,7 +81,7 @@ class Scheduler(Generic[T]):
                 prefill = sum(d.prompt_len for d in chosen) + demand.prompt_len
                 if chosen and prefill > self.limits.max_prefill_tokens:
                     break
-                if (load.rows or chosen) and not self.fits(load, [*chosen, demand]):
+                if not self.fits(load, [*chosen, demand]):
                     break
                 self._waiting.popleft()
                 chosen.append(demand)

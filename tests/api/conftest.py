@@ -45,7 +45,10 @@ async def make_api(tiny_model, tiny_tokenizer) -> AsyncIterator[MakeApi]:
                    attach: bool = True) -> Api:
         serving = OpenAIServing(MODEL_NAME)
         app = create_app(serving, api_key=api_key)
-        engine = Engine(model if model is not None else tiny_model, tiny_tokenizer, limits)
+        if hasattr(model, "runner_factory"):  # a ControlledModel (tests/conftest.py)
+            engine = Engine(model.inner, tiny_tokenizer, limits, runner_factory=model.runner_factory)
+        else:
+            engine = Engine(model if model is not None else tiny_model, tiny_tokenizer, limits)
         transport = httpx.ASGITransport(app=app)
         api = Api(app, serving, engine, httpx.AsyncClient(transport=transport, base_url="http://test"))
         built.append(api)
@@ -56,9 +59,6 @@ async def make_api(tiny_model, tiny_tokenizer) -> AsyncIterator[MakeApi]:
     yield make
     for api in built:
         await api.client.aclose()
-        running = getattr(api.engine.model, "running", None)
-        if running is not None:
-            running.set()
         api.engine.shutdown()
 
 

@@ -1,145 +1,124 @@
-"""RunningBatch: left padding, concatenation and row selection never change what a sequence computes."""
+"""FalconRunner and RunningBatch: the lean forward over a per-row KV cache computes what transformers
+computes, whatever the other rows hold, through staggered adds, removals and shared prefills."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from falcon_service.engine.batch import RunningBatch
+from falcon_service.engine.falcon import FalconRunner, UnsupportedModelError, check_architecture, make_linear
 
 ATOL = 1e-4
 
 
-def check_shape(batch: RunningBatch) -> None:
-    """Mask, positions and every cache layer agree on rows and width; cache_tokens is rows * width."""
-    assert batch.cache_tokens == batch.size * batch.width
-    assert batch.next_positions.shape == (batch.size,)
-    for layer in batch.cache.layers:
-        assert layer.keys.shape[0] == batch.size and layer.keys.shape[2] == batch.width
-        assert layer.values.shape[0] == batch.size and layer.values.shape[2] == batch.width
+def reference_logits(model, tokens: list[int]) -> torch.Tensor:
+    """transformers' next-token logits after `tokens`, computed alone."""
+    with torch.inference_mode():
+        return model(torch.tensor([tokens])).logits[0, -1]
 
 
-class Alone:
-    """One sequence run on its own, as the reference for the batched rows."""
-
-    def __init__(self, model, prompt: list[int]) -> None:
-        self.model = model
-        self.batch, logits = RunningBatch.prefill(model, [prompt], [1])
-        self.logits = logits[0]
-
-    def step(self, token: int) -> torch.Tensor:
-        self.logits = self.batch.step(self.model, [token])[0]
-        return self.logits
+@pytest.fixture
+def runner(tiny_model) -> FalconRunner:
+    return FalconRunner(tiny_model, rows=8, max_len=tiny_model.config.max_position_embeddings)
 
 
-def assert_rows_match(logits: torch.Tensor, alone: list[Alone]) -> None:
-    assert logits.shape[0] == len(alone)
-    for row, ref in enumerate(alone):
-        torch.testing.assert_close(logits[row], ref.logits, atol=ATOL, rtol=0, msg=f"row {row} differs")
+@pytest.fixture
+def texts(tiny_tokenizer) -> list[list[int]]:
+    ids = [tiny_tokenizer.encode(t) for t in ("Hello falcon", "The quick brown fox jumps over the lazy dog",
+                                              "日本語のテキスト and more", "x")]
+    assert len({len(i) for i in ids}) == len(ids)
+    return ids
 
 
-@pytest.fixture(scope="module")
-def prompts() -> list[list[int]]:
-    gen = torch.Generator().manual_seed(11)
-    return [torch.randint(1, 1000, (n,), generator=gen).tolist() for n in (3, 7, 12, 5)]
+def test_prefill_of_padded_prompts_matches_each_prompt_alone(runner, tiny_model, texts):
+    logits = runner.prefill(list(range(len(texts))), texts, [0] * len(texts))
+    for row, tokens in enumerate(texts):
+        torch.testing.assert_close(logits[row], reference_logits(tiny_model, tokens), atol=ATOL, rtol=0)
 
 
-def test_prefill_pads_left_and_matches_each_prompt_alone(tiny_model, prompts):
-    batch, logits = RunningBatch.prefill(tiny_model, prompts[:3], [1, 1, 1])
-    assert batch.size == 3 and batch.width == 12
-    check_shape(batch)
-    assert batch.attention_mask.sum(-1).tolist() == [3, 7, 12]
-    assert batch.attention_mask[0].tolist() == [0] * 9 + [1] * 3
-    assert batch.next_positions.tolist() == [3, 7, 12]
-    assert_rows_match(logits, [Alone(tiny_model, p) for p in prompts[:3]])
+def test_chunked_prefill_equals_whole_prefill(runner, tiny_model, texts):
+    tokens = texts[1]
+    runner.prefill([3], [tokens[:3]], [0])
+    runner.prefill([3], [tokens[3:6]], [3])
+    logits = runner.prefill([3], [tokens[6:]], [6])
+    torch.testing.assert_close(logits[0], reference_logits(tiny_model, tokens), atol=ATOL, rtol=0)
 
 
-def test_prefill_repeats_rows_for_n_choices(tiny_model, prompts):
-    batch, logits = RunningBatch.prefill(tiny_model, prompts[:2], [2, 3])
-    assert batch.size == 5
-    check_shape(batch)
-    refs = [Alone(tiny_model, prompts[0])] * 2 + [Alone(tiny_model, prompts[1])] * 3
-    assert_rows_match(logits, refs)
-    assert batch.next_positions.tolist() == [3, 3, 7, 7, 7]
+def test_staggered_adds_steps_and_removals_match_each_sequence_alone(runner, tiny_model, texts):
+    batch = RunningBatch(runner)
+    seqs: list[list[int]] = []  # row i's tokens so far (prompt + fed tokens)
 
+    def feed(logits: torch.Tensor) -> None:
+        for row, tokens in enumerate(seqs):
+            torch.testing.assert_close(logits[row], reference_logits(tiny_model, tokens), atol=ATOL, rtol=0)
+        nxt = logits.argmax(-1).tolist()
+        for tokens, t in zip(seqs, nxt, strict=True):
+            tokens.append(t)
 
-def test_concatenate_then_select_matches_running_alone(tiny_model, prompts):
-    feeds = torch.randint(1, 1000, (4, 8), generator=torch.Generator().manual_seed(12)).tolist()
-
-    # batch a: prompts of 3 and 7 tokens, two decode steps in -> width 9
-    a, logits_a = RunningBatch.prefill(tiny_model, prompts[:2], [1, 1])
-    alone = [Alone(tiny_model, p) for p in prompts[:2]]
-    for step in range(2):
-        logits_a = a.step(tiny_model, [feeds[0][step], feeds[1][step]])
-        for i in range(2):
-            alone[i].step(feeds[i][step])
-    assert_rows_match(logits_a, alone)
-    assert a.width == 9
-
-    # batch b is wider (12), batch c narrower (5): pad the running batch, then the new one
-    b, _ = RunningBatch.prefill(tiny_model, [prompts[2]], [1])
-    joined = a.concatenate(b)
-    assert joined.size == 3 and joined.width == 12
-    check_shape(joined)
-    c, _ = RunningBatch.prefill(tiny_model, [prompts[3]], [1])
-    joined = joined.concatenate(c)
-    assert joined.size == 4 and joined.width == 12
-    check_shape(joined)
-    alone += [Alone(tiny_model, prompts[2]), Alone(tiny_model, prompts[3])]
-
-    pos = [2, 2, 0, 0]  # how many feed tokens each row has taken
+    first = batch.add(texts[:2], [1, 1])
+    seqs += [list(texts[0]), list(texts[1])]
+    for row, tokens in enumerate(seqs):
+        torch.testing.assert_close(first[row], reference_logits(tiny_model, tokens), atol=ATOL, rtol=0)
+    seqs = [[*s, int(first[i].argmax())] for i, s in enumerate(seqs)]
     for _ in range(3):
-        tokens = [feeds[row][pos[row]] for row in range(4)]
-        logits = joined.step(tiny_model, tokens)
-        for row in range(4):
-            alone[row].step(tokens[row])
-            pos[row] += 1
-        assert_rows_match(logits, alone)
-    assert joined.width == 15
-    check_shape(joined)
-
-    # drop the widest row (prompt of 12): rows left hold 3+5, 7+5, 5+3 real tokens -> width 12
-    kept = [3, 0, 1]
-    selected = joined.select(kept)
-    assert selected.size == 3 and selected.width == 12
-    check_shape(selected)
-    alone = [alone[i] for i in kept]
-    pos = [pos[i] for i in kept]
-    for _ in range(2):
-        tokens = [feeds[row_src][pos[row]] for row, row_src in enumerate(kept)]
-        logits = selected.step(tiny_model, tokens)
-        for row in range(3):
-            alone[row].step(tokens[row])
-            pos[row] += 1
-        assert_rows_match(logits, alone)
-
-    # keeping one sequence shrinks the batch to exactly its own length (prompt 5, 3 + 2 tokens fed)
-    single = selected.select([0])
-    assert single.width == int(single.attention_mask.sum()) == 5 + 3 + 2
-    assert single.attention_mask.all()
-    check_shape(single)
+        feed(batch.step([s[-1] for s in seqs]))
+    # a longer and a shorter prompt join a running batch
+    added = batch.add([texts[2], texts[3]], [1, 1])
+    seqs += [[*list(texts[2]), int(added[0].argmax())], [*list(texts[3]), int(added[1].argmax())]]
+    feed(batch.step([s[-1] for s in seqs]))
+    # row 0 leaves: the last row moves into its place
+    order = batch.remove([0])
+    assert order == [3, 1, 2]
+    seqs = [seqs[i] for i in order]
+    assert batch.size == 3 and batch.lengths == [len(s) - 1 for s in seqs]
+    for _ in range(3):
+        feed(batch.step([s[-1] for s in seqs]))
+    assert batch.cache_tokens == sum(len(s) - 1 for s in seqs)
+    order = batch.remove([0, 2])
+    assert order == [1]
+    assert batch.size == 1 and batch.cache_tokens == len(seqs[1]) - 1
 
 
-def test_concatenate_wider_running_batch_with_narrower_new_one(tiny_model, prompts):
-    a, _ = RunningBatch.prefill(tiny_model, [prompts[2]], [1])
-    b, _ = RunningBatch.prefill(tiny_model, [prompts[0], prompts[1]], [1, 1])
-    joined = a.concatenate(b)
-    assert joined.width == 12 and joined.cache_tokens == 36
-    assert joined.attention_mask.sum(-1).tolist() == [12, 3, 7]
-    logits = joined.step(tiny_model, [5, 6, 7])
-    alone = [Alone(tiny_model, prompts[i]) for i in (2, 0, 1)]
-    for ref, token in zip(alone, [5, 6, 7], strict=True):
-        ref.step(token)
-    assert_rows_match(logits, alone)
+def test_n_choices_share_one_prefill(runner, tiny_model, texts):
+    calls = []
+    original = runner.prefill
+
+    def counting(rows, chunks, offsets):
+        calls.append(list(rows))
+        return original(rows, chunks, offsets)
+
+    runner.prefill = counting
+    batch = RunningBatch(runner)
+    logits = batch.add([texts[0], texts[1]], [3, 1])
+    assert calls == [[0, 3]]  # one prefill row per prompt
+    assert batch.size == 4 and batch.lengths == [len(texts[0])] * 3 + [len(texts[1])]
+    for row in range(3):
+        torch.testing.assert_close(logits[row], logits[0])
+    # the copies are real cache rows: all three decode the same token to the same logits
+    step = batch.step([5, 5, 5, 7])
+    expected = reference_logits(tiny_model, [*texts[0], 5])
+    for row in range(3):
+        torch.testing.assert_close(step[row], expected, atol=ATOL, rtol=0)
 
 
-def test_select_can_repeat_rows(tiny_model, prompts):
-    batch, _ = RunningBatch.prefill(tiny_model, prompts[:2], [1, 1])
-    twice = batch.select([1, 1])
-    assert twice.size == 2 and twice.width == 7  # the 3-token row and its padding are gone
-    check_shape(twice)
-    logits = twice.step(tiny_model, [9, 10])
-    refs = [Alone(tiny_model, prompts[1]), Alone(tiny_model, prompts[1])]
-    refs[0].step(9)
-    refs[1].step(10)
-    assert_rows_match(logits, refs)
+def test_batch_refuses_more_rows_than_the_cache_has(runner, texts):
+    batch = RunningBatch(runner)
+    batch.add([texts[0]], [8])
+    with pytest.raises(RuntimeError, match="full"):
+        batch.add([texts[1]], [1])
+
+
+def test_prepacked_linear_equals_the_plain_one():
+    torch.manual_seed(0)
+    weight, bias = torch.randn(96, 64), torch.randn(96)
+    x = torch.randn(5, 64)
+    torch.testing.assert_close(make_linear(weight, bias)(x), F.linear(x, weight, bias), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(make_linear(weight, None)(x[None]), F.linear(x[None], weight), atol=1e-5, rtol=1e-5)
+
+
+def test_other_falcon_architectures_are_refused(tiny_model):
+    config = tiny_model.config.__class__(**{**tiny_model.config.to_dict(), "new_decoder_architecture": True})
+    with pytest.raises(UnsupportedModelError, match="new_decoder_architecture"):
+        check_architecture(config)

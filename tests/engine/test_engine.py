@@ -79,16 +79,21 @@ def make_engine(tiny_tokenizer):
     """Build engines on a model (the tiny one by default); all are shut down after the test."""
     engines: list[Engine] = []
 
+    controlled: list = []  # ControlledModel fixtures (tests/conftest.py)
+
     def make(model, limits: BatchLimits = ROOMY) -> Engine:
-        engine = Engine(model, tiny_tokenizer, limits)
+        if hasattr(model, "runner_factory"):  # a ControlledModel
+            controlled.append(model)
+            engine = Engine(model.inner, tiny_tokenizer, limits, runner_factory=model.runner_factory)
+        else:
+            engine = Engine(model, tiny_tokenizer, limits)
         engines.append(engine)
         return engine
 
     yield make
+    for model in controlled:
+        model.running.set()
     for engine in engines:
-        running = getattr(engine.model, "running", None)
-        if running is not None:
-            running.set()
         engine.shutdown()
 
 
@@ -301,11 +306,11 @@ async def test_abort_while_waiting_leaves_the_queue(make_engine, tiny_model, pro
     running = engine.submit(GenerationRequest(tuple(prompts[0]), SamplingParams(max_tokens=1500, ignore_eos=True)))
     it = aiter(running)
     await asyncio.wait_for(anext(it), STREAM_TIMEOUT)
-    waiting = engine.submit(GenerationRequest(tuple(prompts[1]), greedy(4), n=2))
+    waiting = engine.submit(GenerationRequest(tuple(prompts[1]), greedy(4)))  # the only row is taken
     assert engine.stats()["waiting"] == 1
     waiting.abort()
     choices = await collect(waiting)
-    assert {i: (c.tokens, c.finish_reason) for i, c in choices.items()} == {0: ([], "abort"), 1: ([], "abort")}
+    assert {i: (c.tokens, c.finish_reason) for i, c in choices.items()} == {0: ([], "abort")}
     assert engine.stats()["waiting"] == 0
     running.abort()
     await collect(it)
@@ -385,7 +390,8 @@ async def test_max_batch_size_bounds_the_running_batch(make_engine, controlled_m
 async def test_kv_token_budget_bounds_the_running_batch(make_engine, controlled_model, tiny_tokenizer):
     prompt = tiny_tokenizer.encode("The falcon is a bird of prey.", add_special_tokens=False)
     max_tokens = 10
-    budget = 2 * (len(prompt) + max_tokens)  # room for two such sequences, not three
+    # every sequence reserves a whole context (2048 tokens): room for two sequences, not three
+    budget = 3 * 2048 - 1
     limits = BatchLimits(max_batch_size=16, max_batch_tokens=budget, max_prefill_tokens=4096, max_queue_size=16)
     engine = make_engine(controlled_model, limits)
     results, seen = await _run_sampling_stats(engine, [(prompt, greedy(max_tokens, ignore_eos=True))] * 5)
@@ -393,5 +399,13 @@ async def test_kv_token_budget_bounds_the_running_batch(make_engine, controlled_
     assert all(r[0].finish_reason == "length" and len(r[0].tokens) == max_tokens for r in results)
     assert max(s["running"] for s in seen) <= 2
     assert max(s["cache_tokens"] for s in seen) <= budget
-    assert all(rows * width <= budget for rows, _, width in controlled_model.calls)
+    assert all(rows <= 2 for rows, _, _ in controlled_model.calls)
     assert max(decode_rows(controlled_model)) == 2
+
+
+async def test_more_choices_than_cache_rows_is_refused_at_submit(make_engine, tiny_model, prompts):
+    limits = BatchLimits(max_batch_size=2, max_batch_tokens=32 * 2048, max_prefill_tokens=4096, max_queue_size=16)
+    engine = make_engine(tiny_model, limits)
+    with pytest.raises(ValueError, match="n=3"):
+        engine.submit(GenerationRequest(tuple(prompts[0]), greedy(4), n=3))
+    assert engine.stats()["waiting"] == 0
