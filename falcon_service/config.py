@@ -29,7 +29,9 @@ class Settings(BaseModel):
     torch_threads: int | None = Field(
         None, ge=1, description="CPU threads of the engine's torch work; default: OMP_NUM_THREADS, else all cores"
     )
-    max_prefill_tokens: int = Field(2048, ge=1, description="prompt tokens prefilled in one engine step")
+    max_prefill_tokens: int = Field(
+        512, ge=1, description="prompt tokens prefilled per engine step; longer prompts go in chunks"
+    )
     max_queue_size: int = Field(256, ge=0, description="requests waiting for a batch slot before 429")
     api_key: str | None = Field(None, description="when set, /v1 requires `Authorization: Bearer <key>`")
     default_chat_stop: bool = Field(True, description=r"add `\nUser:` to chat requests' stop strings")

@@ -4,6 +4,9 @@ Each sequence owns one row of the runner's preallocated cache, and the rows in u
 compact at the front (0..size-1), so a decode step reads the cache as views, with no copy. A
 sequence that leaves has its row refilled by the last row; nothing else moves. A row's
 positions start at 0 whatever the other rows hold, so results do not depend on the batch.
+
+The runner's last row is the staging row: a prompt too long for one step is prefilled there a
+chunk at a time, between decode steps of the batch, and joins the batch once it is complete.
 """
 
 from __future__ import annotations
@@ -29,7 +32,11 @@ class RunningBatch:
 
     @property
     def capacity(self) -> int:
-        return self.runner.rows
+        return self.runner.rows - 1  # the last row stages chunked prefills
+
+    @property
+    def staging_row(self) -> int:
+        return self.runner.rows - 1
 
     @property
     def cache_tokens(self) -> int:
@@ -54,6 +61,19 @@ class RunningBatch:
         if any(r != 1 for r in repeats):
             logits = logits.repeat_interleave(torch.tensor(list(repeats), device=logits.device), dim=0)
         return logits
+
+    def stage(self, chunk: Seq[int], offset: int) -> torch.Tensor:
+        """Prefill the next chunk of a long prompt (tokens `offset`..) into the staging row."""
+        return self.runner.prefill([self.staging_row], [chunk], [offset])
+
+    def adopt_staged(self, length: int, repeats: int) -> None:
+        """The staged prompt (`length` tokens) joins the batch, in `repeats` new rows at the end."""
+        if self.size + repeats > self.capacity:
+            raise RuntimeError(f"batch of {self.capacity} rows is full")
+        for row in range(self.size, self.size + repeats):
+            self.runner.copy_row(self.staging_row, row, length)
+        self.lengths += [length] * repeats
+        self._lengths = torch.tensor(self.lengths, dtype=torch.long, device=self.runner.device)
 
     def step(self, tokens: Seq[int]) -> torch.Tensor:
         """Feed one token per row (rows 0..size-1); returns the next-token logits (size, vocab)."""

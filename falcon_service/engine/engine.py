@@ -230,9 +230,11 @@ class Engine:
         rows = max(1, min(limits.max_batch_size, limits.max_batch_tokens // self.max_model_len))
         self.limits = replace(limits, max_batch_size=rows)
         self.scheduler: Scheduler[RequestStream] = Scheduler(self.limits)
-        self._runner = runner_factory(self.model, rows, self.max_model_len)
+        self._runner = runner_factory(self.model, rows + 1, self.max_model_len)  # + the staging row
         self._batch = RunningBatch(self._runner)
         self._sequences: list[_Sequence] = []
+        self._staged: RequestStream | None = None  # a long prompt being prefilled a chunk per step
+        self._staged_done = 0
         self._next_tokens: list[int] = []
         self._aborted: set[RequestStream] = set()
         self._wake = threading.Condition()
@@ -292,7 +294,8 @@ class Engine:
             torch.set_num_threads(self.threads)
         while True:
             with self._wake:
-                while not (self._stopping or self._aborted or self._sequences or self.scheduler.num_waiting):
+                while not (self._stopping or self._aborted or self._sequences or self._staged
+                           or self.scheduler.num_waiting):
                     self._wake.wait()
                 if self._stopping:
                     break
@@ -300,10 +303,17 @@ class Engine:
             admitted: list[RequestStream] = []
             try:
                 self._drop_aborted(aborted)
-                admitted = self.scheduler.admit(self._load())
-                if admitted:
+                if self._staged is None:
+                    admitted = self.scheduler.admit(self._load())
+                    prefill = sum(len(s.request.prompt_ids) for s in admitted)
+                    if len(admitted) == 1 and prefill > self.limits.max_prefill_tokens:
+                        self._staged, self._staged_done, admitted = admitted[0], 0, []
+                # at most one prefill of max_prefill_tokens, then one decode step for everyone decoding
+                if self._staged is not None:
+                    self._prefill_chunk()
+                elif admitted:
                     self._prefill(admitted)
-                elif self._sequences:
+                if self._sequences:
                     self._decode()
             except Exception as exc:  # a failing step must not take the server down
                 log.exception("generation step failed")
@@ -314,12 +324,16 @@ class Engine:
         self._fail_all(EngineError("the engine is shutting down"))
 
     def _load(self) -> BatchLoad:
-        return BatchLoad(rows=len(self._sequences))
+        return BatchLoad(rows=len(self._sequences) + (self._staged.request.n if self._staged else 0))
 
     def _drop_aborted(self, aborted: set[RequestStream]) -> None:
         if not aborted:
             return
-        for stream in self.scheduler.remove(lambda s: s in aborted):
+        unstarted = self.scheduler.remove(lambda s: s in aborted)
+        if self._staged in aborted:
+            unstarted.append(self._staged)
+            self._staged = None
+        for stream in unstarted:
             stream._deliver([ChoiceEvent(i, "", finish_reason="abort") for i in range(stream.request.n)])
         gone = [s for s in self._sequences if s.stream in aborted]
         for seq in gone:
@@ -341,6 +355,22 @@ class Engine:
         self._next_tokens += [0] * len(new)
         self._accept(logits, first_row=len(self._sequences) - len(new))
 
+    def _prefill_chunk(self) -> None:
+        """Prefill the next chunk of the staged prompt; once it is whole, its choices join the batch."""
+        stream = self._staged
+        assert stream is not None
+        prompt, start = stream.request.prompt_ids, self._staged_done
+        logits = self._batch.stage(prompt[start : start + self.limits.max_prefill_tokens], start)
+        self._staged_done = min(len(prompt), start + self.limits.max_prefill_tokens)
+        if self._staged_done < len(prompt):
+            return
+        n = stream.request.n
+        self._batch.adopt_staged(len(prompt), n)
+        self._staged = None
+        self._sequences += [_Sequence(stream, i, self.tokenizer, self.vocab_size) for i in range(n)]
+        self._next_tokens += [0] * n
+        self._accept(logits.expand(n, -1), first_row=len(self._sequences) - n)
+
     def _decode(self) -> None:
         logits = self._batch.step(self._next_tokens)
         self._accept(logits, first_row=0)
@@ -360,6 +390,9 @@ class Engine:
 
     def _fail_all(self, error: EngineError, admitted_too: Seq[RequestStream] | None = None) -> None:
         streams = {s.stream for s in self._sequences} | set(admitted_too or ())
+        if self._staged is not None:
+            streams.add(self._staged)
+            self._staged = None
         if self._stopping:
             streams |= set(self.scheduler.remove(lambda _: True))
         for stream in streams:

@@ -105,7 +105,8 @@ def test_n_choices_share_one_prefill(runner, tiny_model, texts):
 
 def test_batch_refuses_more_rows_than_the_cache_has(runner, texts):
     batch = RunningBatch(runner)
-    batch.add([texts[0]], [8])
+    assert batch.capacity == runner.rows - 1  # the last row stages chunked prefills
+    batch.add([texts[0]], [7])
     with pytest.raises(RuntimeError, match="full"):
         batch.add([texts[1]], [1])
 
@@ -122,3 +123,21 @@ def test_other_falcon_architectures_are_refused(tiny_model):
     config = tiny_model.config.__class__(**{**tiny_model.config.to_dict(), "new_decoder_architecture": True})
     with pytest.raises(UnsupportedModelError, match="new_decoder_architecture"):
         check_architecture(config)
+
+
+def test_a_staged_prompt_joins_a_running_batch(runner, tiny_model, texts):
+    batch = RunningBatch(runner)
+    batch.add([texts[0]], [1])
+    running = [*texts[0], 9]
+    long = texts[1]
+    batch.stage(long[:4], 0)
+    batch.step([9])  # the batch decodes between chunks
+    running.append(11)
+    logits = batch.stage(long[4:], 4)
+    torch.testing.assert_close(logits[0], reference_logits(tiny_model, long), atol=ATOL, rtol=0)
+    batch.adopt_staged(len(long), 2)
+    assert batch.size == 3 and batch.lengths == [len(running) - 1, len(long), len(long)]
+    step = batch.step([11, 3, 4])
+    torch.testing.assert_close(step[0], reference_logits(tiny_model, running), atol=ATOL, rtol=0)
+    torch.testing.assert_close(step[1], reference_logits(tiny_model, [*long, 3]), atol=ATOL, rtol=0)
+    torch.testing.assert_close(step[2], reference_logits(tiny_model, [*long, 4]), atol=ATOL, rtol=0)

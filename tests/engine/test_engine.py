@@ -409,3 +409,32 @@ async def test_more_choices_than_cache_rows_is_refused_at_submit(make_engine, ti
     with pytest.raises(ValueError, match="n=3"):
         engine.submit(GenerationRequest(tuple(prompts[0]), greedy(4), n=3))
     assert engine.stats()["waiting"] == 0
+
+
+async def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(make_engine, controlled_model, tiny_model,
+                                                                        tiny_tokenizer, prompts):
+    chunk = 16
+    limits = BatchLimits(max_batch_size=4, max_batch_tokens=32 * 2048, max_prefill_tokens=chunk, max_queue_size=16)
+    engine = make_engine(controlled_model, limits)
+    long_prompt = tiny_tokenizer.encode(" ".join(TEXTS) * 2, add_special_tokens=False)
+    assert len(long_prompt) > 4 * chunk
+    expected = tiny_model.generate(torch.tensor([long_prompt]), attention_mask=torch.ones(1, len(long_prompt),
+                                   dtype=torch.long), max_new_tokens=6, do_sample=False)[0, len(long_prompt):]
+
+    decoding = engine.submit(GenerationRequest(tuple(prompts[1]), greedy(200, ignore_eos=True)))
+    it = aiter(decoding)
+    await asyncio.wait_for(anext(it), STREAM_TIMEOUT)
+    controlled_model.calls.clear()
+    long = await run_one(engine, long_prompt, greedy(6, ignore_eos=True), n=2)
+    decoding.abort()
+    await collect(it)
+
+    assert long[0].tokens == long[1].tokens == expected.tolist()
+    chunks = [(rows, new) for rows, new, _ in controlled_model.calls if new > 1 or (rows == 1 and new != 1)]
+    assert all(new <= chunk for _, new in chunks), controlled_model.calls
+    assert len([c for c in controlled_model.calls if c[1] > 1]) >= len(long_prompt) // chunk
+    # the running request kept decoding while the long prompt was prefilled: a decode step after each chunk
+    kinds = ["prefill" if new > 1 else "decode" for _, new, _ in controlled_model.calls]
+    first_prefill, last_prefill = kinds.index("prefill"), len(kinds) - 1 - kinds[::-1].index("prefill")
+    between = kinds[first_prefill:last_prefill + 1]
+    assert between.count("decode") >= between.count("prefill") - 1
