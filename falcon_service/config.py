@@ -36,6 +36,9 @@ class Settings(BaseModel):
     api_key: str | None = Field(None, description="when set, /v1 requires `Authorization: Bearer <key>`")
     default_chat_stop: bool = Field(True, description=r"add `\nUser:` to chat requests' stop strings")
     timeout: int = Field(600, ge=1, description="BentoML traffic timeout in seconds")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="level of the service's own log lines (model loading, aborted requests)"
+    )
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:

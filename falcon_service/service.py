@@ -50,6 +50,7 @@ def _settings() -> Settings:
 
 
 SETTINGS = _settings()
+log.setLevel(SETTINGS.log_level)  # the package's loggers: model loading, aborted requests
 serving = OpenAIServing(SETTINGS.model_name, default_chat_stop=SETTINGS.default_chat_stop)
 openai_app = create_app(serving, SETTINGS.api_key)
 

@@ -1,7 +1,8 @@
 """End-to-end fixtures: a tiny random Falcon in a temporary BENTOML_HOME, served by a real `bentoml serve`.
 
 Servers are session-scoped (each start costs several seconds): one with default settings for
-most tests, one with an API key and a zero-length queue for the 401 and 429 tests.
+most tests, one with an API key and a zero-length queue for the 401 and 429 tests, one with a
+two-row batch and a two-request queue for the backpressure tests.
 """
 
 from __future__ import annotations
@@ -65,8 +66,14 @@ def _stop(proc: subprocess.Popen) -> None:
 def _serve(home: Path, model: str, log_path: Path, **settings: str) -> Iterator[Served]:
     """Run `bentoml serve service:FalconService` until the generator is closed; yield once /health is 200."""
     port = _free_port()
+    # Each `bentoml serve` wipes $BENTOML_HOME/prometheus_multiproc_dir at start, which would blank the
+    # metrics of the servers already running: each server gets a home of its own sharing the model store.
+    own_home = log_path.parent / f"{log_path.stem}_bentoml_home"
+    own_home.mkdir(exist_ok=True)
+    if not (own_home / "models").exists():
+        (own_home / "models").symlink_to(home / "models", target_is_directory=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("FALCON_")}
-    env.update(BENTOML_HOME=str(home), FALCON_MODEL=model, BENTOML_DO_NOT_TRACK="true", PYTHONUNBUFFERED="1")
+    env.update(BENTOML_HOME=str(own_home), FALCON_MODEL=model, BENTOML_DO_NOT_TRACK="true", PYTHONUNBUFFERED="1")
     env.update({f"FALCON_{k.upper()}": v for k, v in settings.items()})
     bentoml_cli = Path(sys.executable).with_name("bentoml")
     cmd = [str(bentoml_cli), "serve", "service:FalconService", "--host", "127.0.0.1", "--port", str(port)]
@@ -128,6 +135,13 @@ def guarded_server(bentoml_home: Path, model_tag, tmp_path_factory: pytest.TempP
     """A server with an API key and `max_queue_size=0`: every generation request is rejected with 429."""
     log = tmp_path_factory.mktemp("server_logs") / "guarded.log"
     yield from _serve(bentoml_home, model_tag.name, log, api_key=API_KEY, max_queue_size="0")
+
+
+@pytest.fixture(scope="session")
+def narrow_server(bentoml_home: Path, model_tag, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """A server that decodes two sequences at a time and lets two more wait: the backpressure tests."""
+    log = tmp_path_factory.mktemp("server_logs") / "narrow.log"
+    yield from _serve(bentoml_home, model_tag.name, log, max_batch_size="2", max_queue_size="2")
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,104 @@
+"""Backpressure and cancellation against a real server: clients that hang up free their sequences
+at once (seen in /metrics), a full queue answers 429 at once, and no accepted request is lost."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+HELLO = [{"role": "user", "content": "Tell me about falcons."}]
+
+
+def metrics(url: str) -> dict[str, float]:
+    """The falcon_* samples of /metrics, keyed by name plus the finish_reason label where there is one."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        m = re.match(r'^(falcon_\w+)\{([^}]*)\} (\S+)$', line)
+        if m:
+            reason = re.search(r'finish_reason="(\w+)"', m.group(2))
+            out[m.group(1) + (f":{reason.group(1)}" if reason else "")] = float(m.group(3))
+    return out
+
+
+def delta(before: dict[str, float], after: dict[str, float], name: str) -> float:
+    return after.get(name, 0.0) - before.get(name, 0.0)
+
+
+def wait_idle(url: str, timeout: float = 30.0) -> dict[str, float]:
+    deadline = time.monotonic() + timeout
+    while True:
+        m = metrics(url)
+        idle = (m.get("falcon_requests_running") == 0 and m.get("falcon_requests_waiting") == 0
+                and m.get("falcon_kv_cache_tokens") == 0)
+        if idle or time.monotonic() > deadline:
+            return m
+        time.sleep(0.1)
+
+
+def long_chat(model: str, stream: bool) -> dict:
+    # about 2000 tokens: minutes of work if nobody stopped it
+    return {"model": model, "messages": HELLO, "max_tokens": 1900, "ignore_eos": True, "stream": stream}
+
+
+def test_streams_that_hang_up_are_aborted_and_the_engine_is_idle_again(server):
+    before = metrics(server.url)
+    with contextlib.ExitStack() as stack:
+        for _ in range(8):
+            c = stack.enter_context(httpx.Client(base_url=server.url, timeout=30))
+            r = stack.enter_context(c.stream("POST", "/v1/chat/completions", json=long_chat(server.model, True)))
+            assert r.status_code == 200
+            first = next(line for line in r.iter_lines() if line.startswith("data: "))
+            assert '"role":"assistant"' in first
+    # all eight clients hung up
+    after = wait_idle(server.url)
+    assert after["falcon_requests_running"] == 0
+    assert after["falcon_requests_waiting"] == 0
+    assert after["falcon_kv_cache_tokens"] == 0
+    assert delta(before, after, "falcon_requests_finished_total:abort") == 8
+    assert delta(before, after, "falcon_requests_finished_total:length") == 0
+    # the next request is served, and usage of the aborted ones was logged
+    r = httpx.post(f"{server.url}/v1/chat/completions", timeout=30,
+                   json={"model": server.model, "messages": HELLO, "max_tokens": 4, "ignore_eos": True})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+    assert "request aborted after" in server.log.read_text()
+
+
+def test_a_non_streaming_client_that_hangs_up_is_aborted(server):
+    before = metrics(server.url)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/v1/chat/completions", json=long_chat(server.model, False), timeout=1.0)
+    after = wait_idle(server.url)
+    assert after["falcon_requests_running"] == 0 and after["falcon_kv_cache_tokens"] == 0
+    assert delta(before, after, "falcon_requests_finished_total:abort") == 1
+
+
+def test_full_queue_rejects_at_once_and_accepted_requests_all_complete(narrow_server):
+    body = {"model": narrow_server.model, "messages": HELLO, "max_tokens": 400, "ignore_eos": True}
+
+    def call(_: int) -> httpx.Response:
+        return httpx.post(f"{narrow_server.url}/v1/chat/completions", json=body, timeout=120)
+
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        responses = list(pool.map(call, range(12)))
+    accepted = [r for r in responses if r.status_code == 200]
+    rejected = [r for r in responses if r.status_code == 429]
+    assert len(accepted) + len(rejected) == 12, [r.status_code for r in responses]
+    assert len(accepted) >= 4  # two decoding and two waiting fit
+    assert rejected, "12 simultaneous requests should overflow 2 rows + 2 queue places"
+    for r in rejected:
+        assert int(r.headers["retry-after"]) >= 1
+        assert r.json()["error"]["code"] == "rate_limit_exceeded"
+    for r in accepted:  # never dropped: every accepted request ran to its full length
+        data = r.json()
+        assert data["choices"][0]["finish_reason"] == "length"
+        assert data["usage"]["completion_tokens"] == 400
+    after = wait_idle(narrow_server.url)
+    assert after["falcon_requests_rejected_total"] == len(rejected)
