@@ -7,6 +7,7 @@ OpenAI responses or SSE chunk lines. Routes (HTTP) and the BentoML service both 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import AsyncIterator
 from collections.abc import Sequence as Seq
@@ -51,6 +52,34 @@ DONE = "data: [DONE]\n\n"
 def sse(payload: BaseModel, exclude: set[str] | None = None) -> str:
     """One server-sent event line carrying a JSON payload."""
     return f"data: {payload.model_dump_json(exclude=exclude)}\n\n"
+
+
+def chunk_exclude(include_usage: bool) -> set[str]:
+    """Fields a stream chunk leaves out: `usage` unless the client asked for it (then it is null until the end)."""
+    return {"system_fingerprint"} if include_usage else {"usage", "system_fingerprint"}
+
+
+class TextChunks:
+    """The SSE line of a plain text delta, written without building models: one per token per stream.
+
+    Byte for byte what `sse(ChatCompletionChunk(...), chunk_exclude(...))` (chat) or
+    `sse(CompletionResponse(...), ...)` (completions) give for a delta with text only.
+    """
+
+    def __init__(self, chat: bool, rid: str, created: int, model: str, include_usage: bool) -> None:
+        kind = "chat.completion.chunk" if chat else "text_completion"
+        self._head = (f'data: {{"id":{_json(rid)},"object":"{kind}","created":{created},"model":{_json(model)},'
+                      '"choices":[{"index":')
+        self._field = ',"delta":{"content":' if chat else ',"text":'
+        close = '},"logprobs":null,"finish_reason":null}]' if chat else ',"logprobs":null,"finish_reason":null}]'
+        self._tail = close + (',"usage":null}\n\n' if include_usage else '}\n\n')
+
+    def __call__(self, index: int, text: str) -> str:
+        return f"{self._head}{index}{self._field}{_json(text)}{self._tail}"
+
+
+def _json(value: str) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
 @dataclass
@@ -285,7 +314,8 @@ class OpenAIServing:
 
     async def _chat_sse(self, body: ChatCompletionRequest, streams: list[RequestStream]) -> AsyncIterator[str]:
         rid, created = new_id("chatcmpl"), now()
-        exclude = None if body.include_usage else {"usage", "system_fingerprint"}
+        exclude = chunk_exclude(body.include_usage)
+        text_chunk = TextChunks(True, rid, created, self.model_name, body.include_usage)
 
         def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
             return sse(ChatCompletionChunk(id=rid, created=created, model=self.model_name, choices=choices,
@@ -295,7 +325,9 @@ class OpenAIServing:
             for i in range(body.n or 1):
                 yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
             async for index, event in self._events(streams):
-                if event.text or (body.logprobs and event.logprobs):
+                if event.text and not body.logprobs:
+                    yield text_chunk(index, event.text)
+                elif event.text or (body.logprobs and event.logprobs):
                     lps = self._chat_logprobs(event.logprobs) if body.logprobs else None
                     yield chunk([ChatChunkChoice(index=index, delta=DeltaMessage(content=event.text), logprobs=lps)])
                 if event.finish_reason is not None:
@@ -337,7 +369,8 @@ class OpenAIServing:
                               streams: list[RequestStream]) -> AsyncIterator[str]:
         rid, created = new_id("cmpl"), now()
         n = body.n or 1
-        exclude = None if body.include_usage else {"usage", "system_fingerprint"}
+        exclude = chunk_exclude(body.include_usage)
+        text_chunk = TextChunks(False, rid, created, self.model_name, body.include_usage)
         offsets = [0] * (n * len(streams))
 
         def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
@@ -349,7 +382,9 @@ class OpenAIServing:
                 for i in range(n * len(streams)):
                     yield chunk([CompletionChoice(index=i, text=prepared.prompt_texts[i // n])])
             async for index, event in self._events(streams):
-                if event.text or event.logprobs:
+                if event.text and body.logprobs is None:
+                    yield text_chunk(index, event.text)
+                elif event.text or event.logprobs:
                     lps = None
                     if body.logprobs is not None:
                         lps = self._completion_logprobs(event.logprobs, offsets[index])

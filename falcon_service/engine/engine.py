@@ -125,8 +125,17 @@ class RequestStream:
                 yield event
 
     # engine thread -> caller's loop
-    def _deliver(self, item: list[ChoiceEvent] | BaseException) -> RequestRecord | None:
-        """Send events to the caller; returns the request's record once its last choice has ended."""
+    def _deliver(self, item: list[ChoiceEvent] | BaseException, outbox: Outbox | None = None) -> None:
+        """Send events to the caller, or into `outbox` to be sent with others in one hand-over."""
+        self._account(item)
+        if outbox is not None:
+            outbox.setdefault(self._loop, []).append((self._queue, item))
+            return
+        with contextlib.suppress(RuntimeError):  # the caller's loop is closed: nobody listens any more
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+
+    def _account(self, item: list[ChoiceEvent] | BaseException) -> None:
+        """Engine-side bookkeeping; reports the request's record once its last choice has ended."""
         now = time.monotonic()
         record = None
         if isinstance(item, BaseException):
@@ -145,9 +154,6 @@ class RequestStream:
         # measured before the caller hears of the end, so metrics are never behind what a client saw
         if record is not None and self._engine.observer is not None:
             self._engine.observer.on_request_done(record)
-        with contextlib.suppress(RuntimeError):  # the caller's loop is closed: nobody listens any more
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
-        return record
 
     def _record(self, now: float) -> RequestRecord:
         reasons = set(self._ended.values())
@@ -159,6 +165,21 @@ class RequestStream:
             if longest > 1:
                 tpot = (now - self.first_token_at) / (longest - 1)
         return RequestRecord(self.prompt_tokens, sum(self._generated.values()), ttft, tpot, reason)
+
+
+Outbox = dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, "list[ChoiceEvent] | BaseException"]]]
+
+
+def _put_all(items: list[tuple[asyncio.Queue, list[ChoiceEvent] | BaseException]]) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)
+
+
+def send(outbox: Outbox) -> None:
+    """Hand a step's events to their event loops: one wake-up per loop, not one per request."""
+    for loop, items in outbox.items():
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody listens any more
+            loop.call_soon_threadsafe(_put_all, items)
 
 
 class _Sequence:
@@ -383,8 +404,10 @@ class Engine:
         for offset, (seq, token, lp) in enumerate(zip(seqs, tokens, logprobs, strict=True)):
             self._next_tokens[first_row + offset] = token
             events.setdefault(seq.stream, []).append(seq.accept(token, lp, self.eos_token_id, self.max_model_len))
+        outbox: Outbox = {}
         for stream, batch_events in events.items():
-            stream._deliver(batch_events)
+            stream._deliver(batch_events, outbox)
+        send(outbox)
         if any(s.finish_reason for s in seqs):
             self._remove([i for i, s in enumerate(self._sequences) if s.finish_reason is not None])
 
