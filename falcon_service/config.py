@@ -27,7 +27,7 @@ class Settings(BaseModel):
         0.5, gt=0, le=0.95, description="share of free memory the default KV-cache budget may use"
     )
     torch_threads: int | None = Field(
-        None, ge=1, description="CPU threads of the engine's torch work; default: OMP_NUM_THREADS, else all cores"
+        None, ge=1, description="CPU threads of the engine's torch work; default: all cores the process may use"
     )
     max_prefill_tokens: int = Field(
         512, ge=1, description="prompt tokens prefilled per engine step; longer prompts go in chunks"

@@ -1,4 +1,3 @@
-# ruff: noqa: E402  (the OpenMP setting below must come before torch is imported)
 """The BentoML service: loads the model, owns the engine, serves the OpenAI app and native APIs.
 
 This is the only module that knows BentoML, the engine and the API layer together.
@@ -11,8 +10,8 @@ import os
 # Only the engine's step-loop thread runs multi-threaded torch work (it sets its own count, see
 # Settings.torch_threads). OpenMP thread teams belong to the thread that starts them, and on CPU a
 # team started first by any other thread makes the engine's ops about 2x slower. So every other
-# thread stays single-threaded: this must run before torch is imported.
-_OMP_THREADS = os.environ.get("OMP_NUM_THREADS")
+# thread stays single-threaded: this must run before torch is imported. (BentoML itself sets
+# OMP_NUM_THREADS=1 in the worker of a GPU service, so its value says nothing about the machine.)
 os.environ["OMP_NUM_THREADS"] = "1"
 
 import hmac
@@ -117,7 +116,7 @@ class FalconService:
                 model, SETTINGS.kv_cache_memory_fraction, SETTINGS.max_batch_size, max_len
             )
             limits = BatchLimits(SETTINGS.max_batch_size, budget, SETTINGS.max_prefill_tokens, SETTINGS.max_queue_size)
-            threads = SETTINGS.torch_threads or int(_OMP_THREADS or len(os.sched_getaffinity(0)))
+            threads = SETTINGS.torch_threads or len(os.sched_getaffinity(0))
             self.engine = Engine(model, tokenizer, limits, observer=ServiceMetrics(SETTINGS.model_name),
                                  threads=threads if device == "cpu" else None)
             serving.attach(self.engine)
