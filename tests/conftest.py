@@ -63,14 +63,12 @@ class ControlledModel:
         controlled = self
 
         class ControlledRunner(FalconRunner):
-            def decode(self, tokens, lengths, rows=None):
-                controlled._gate((tokens.shape[0], 1, int(lengths.max()) + 1))
-                return super().decode(tokens, lengths, rows)
-
-            def prefill(self, rows, chunks, offsets):
-                controlled._gate((len(rows), max(len(c) for c in chunks),
-                                  max(o + len(c) for o, c in zip(offsets, chunks, strict=True))))
-                return super().prefill(rows, chunks, offsets)
+            def forward(self, decode, prefill):  # every pass: decode rows, prompt chunks, or both at once
+                if decode is not None:
+                    controlled._gate((decode.count, 1, decode.width))
+                if prefill is not None:
+                    controlled._gate((prefill.n, prefill.width_q, prefill.width_k))
+                return super().forward(decode, prefill)
 
         return ControlledRunner(model, rows, max_len)
 

@@ -46,13 +46,32 @@ class RunningBatch:
     def add(self, prompts: Seq[Seq[int]], repeats: Seq[int]) -> torch.Tensor:
         """Prefill each prompt once into new rows at the end; prompt i then fills `repeats[i]` rows
         (n choices share the prefill). Returns the next-token logits, one row per new row."""
+        firsts = self._new_rows(repeats)
+        logits = self.runner.prefill(firsts, prompts, [0] * len(prompts))
+        return self._fill(firsts, prompts, repeats, logits)
+
+    def step_and_add(self, tokens: Seq[int], prompts: Seq[Seq[int]], repeats: Seq[int]
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`step` for the running rows and `add` for new prompts, in one pass over the weights."""
+        firsts = self._new_rows(repeats)
+        ids = torch.tensor(tokens, dtype=torch.long, device=self.runner.device)
+        decoded, prefilled = self.runner.decode_and_prefill(ids, self._lengths, firsts, prompts, [0] * len(prompts))
+        self.lengths = [n + 1 for n in self.lengths]
+        return decoded, self._fill(firsts, prompts, repeats, prefilled)
+
+    def _new_rows(self, repeats: Seq[int]) -> list[int]:
+        """The first of the rows at the end that each prompt will fill."""
         if self.size + sum(repeats) > self.capacity:
             raise RuntimeError(f"batch of {self.capacity} rows is full")
         firsts, row = [], self.size
         for r in repeats:
             firsts.append(row)
             row += r
-        logits = self.runner.prefill(firsts, prompts, [0] * len(prompts))
+        return firsts
+
+    def _fill(self, firsts: list[int], prompts: Seq[Seq[int]], repeats: Seq[int], logits: torch.Tensor
+              ) -> torch.Tensor:
+        """Copy each prefilled row to its repeats; returns the logits, one row per new row."""
         for first, prompt, r in zip(firsts, prompts, repeats, strict=True):
             for extra in range(first + 1, first + r):
                 self.runner.copy_row(first, extra, len(prompt))

@@ -329,12 +329,17 @@ class Engine:
                     prefill = sum(len(s.request.prompt_ids) for s in admitted)
                     if len(admitted) == 1 and prefill > self.limits.max_prefill_tokens:
                         self._staged, self._staged_done, admitted = admitted[0], 0, []
-                # at most one prefill of max_prefill_tokens, then one decode step for everyone decoding
+                # one pass over the weights: new prompts (at most max_prefill_tokens) ride along with
+                # the decode step; a long prompt's chunk is its own pass, then the batch decodes
                 if self._staged is not None:
                     self._prefill_chunk()
+                    if self._sequences:
+                        self._decode()
+                elif admitted and self._sequences:
+                    self._decode_and_prefill(admitted)
                 elif admitted:
                     self._prefill(admitted)
-                if self._sequences:
+                elif self._sequences:
                     self._decode()
             except Exception as exc:  # a failing step must not take the server down
                 log.exception("generation step failed")
@@ -371,10 +376,21 @@ class Engine:
     def _prefill(self, streams: list[RequestStream]) -> None:
         prompts = [s.request.prompt_ids for s in streams]
         logits = self._batch.add(prompts, [s.request.n for s in streams])
+        added = self._join(streams)
+        self._accept(logits, first_row=len(self._sequences) - added)
+
+    def _decode_and_prefill(self, streams: list[RequestStream]) -> None:
+        prompts = [s.request.prompt_ids for s in streams]
+        decoded, prefilled = self._batch.step_and_add(self._next_tokens, prompts, [s.request.n for s in streams])
+        self._join(streams)
+        self._accept(torch.cat([decoded, prefilled]), first_row=0)
+
+    def _join(self, streams: list[RequestStream]) -> int:
+        """Track the choices of newly prefilled requests (rows at the end); returns how many."""
         new = [_Sequence(s, i, self.tokenizer, self.vocab_size) for s in streams for i in range(s.request.n)]
         self._sequences += new
         self._next_tokens += [0] * len(new)
-        self._accept(logits, first_row=len(self._sequences) - len(new))
+        return len(new)
 
     def _prefill_chunk(self) -> None:
         """Prefill the next chunk of the staged prompt; once it is whole, its choices join the batch."""
@@ -388,8 +404,7 @@ class Engine:
         n = stream.request.n
         self._batch.adopt_staged(len(prompt), n)
         self._staged = None
-        self._sequences += [_Sequence(stream, i, self.tokenizer, self.vocab_size) for i in range(n)]
-        self._next_tokens += [0] * n
+        self._join([stream])
         self._accept(logits.expand(n, -1), first_row=len(self._sequences) - n)
 
     def _decode(self) -> None:

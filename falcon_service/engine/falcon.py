@@ -136,78 +136,130 @@ class FalconRunner:
         mlp = w.four_h_to_h(F.gelu(w.h_to_4h(h)))
         return (mlp + attn) + x
 
-    @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """One new token per row; `lengths` (B,) is each row's cached length (= the token's position).
 
         Returns next-token logits (B, vocab). `rows` (B,) names the cache rows; None means 0..B-1.
         """
-        batch = tokens.shape[0]
-        row_index = torch.arange(batch, device=self.device) if rows is None else rows
-        width = int(lengths.max()) + 1
-        x = F.embedding(tokens, self.embed)
-        cos, sin = self.cos[lengths].unsqueeze(1), self.sin[lengths].unsqueeze(1)  # (B, 1, D)
-        mask = torch.zeros(batch, 1, width, dtype=self.dtype, device=self.device)
-        mask.masked_fill_(self._positions[:width][None, None] > lengths[:, None, None], float("-inf"))
-        heads = self.num_heads
-        for layer, w in enumerate(self.layers):
-            h = F.layer_norm(x, (self.hidden,), w.ln_weight, w.ln_bias, self.eps)
-            qkv = w.qkv(h).view(batch, heads + 2, self.head_dim)
-            q, k, v = qkv[:, :heads], qkv[:, heads:heads + 1], qkv[:, heads + 1]
-            q = q * cos + _rotate_half(q) * sin
-            k = (k * cos + _rotate_half(k) * sin)[:, 0]
-            self.keys[layer, row_index, lengths] = k
-            self.values[layer, row_index, lengths] = v
-            if rows is None:
-                keys, values = self.keys[layer, :batch, :width], self.values[layer, :batch, :width]
-            else:
-                keys, values = self.keys[layer, rows, :width], self.values[layer, rows, :width]
-            scores = torch.baddbmm(mask, q, keys.transpose(1, 2), alpha=self.scale)  # (B, H, W)
-            attn = torch.bmm(scores.softmax(-1), values).reshape(batch, heads * self.head_dim)
-            x = self._mlp_and_residual(x, h, w.dense(attn), w)
-        x = F.layer_norm(x, (self.hidden,), self.ln_f[0], self.ln_f[1], self.eps)
-        return self.lm_head(x)
+        logits, _ = self.forward(_DecodePlan(self, tokens, lengths, rows), None)
+        return logits
 
-    @torch.inference_mode()
     def prefill(self, rows: Seq[int], chunks: Seq[Seq[int]], offsets: Seq[int]) -> torch.Tensor:
         """Run prompt chunks: row r gets tokens at positions offsets[i].. after what it already caches.
 
         Returns the logits after each chunk's last token (len(rows), vocab).
         """
+        _, logits = self.forward(None, _PrefillPlan(self, rows, chunks, offsets))
+        return logits
+
+    def decode_and_prefill(
+        self, tokens: torch.Tensor, lengths: torch.Tensor, rows: Seq[int], chunks: Seq[Seq[int]], offsets: Seq[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A decode step of rows 0..B-1 and prompt chunks for other rows in one pass over the weights."""
+        dec, pre = self.forward(_DecodePlan(self, tokens, lengths, None), _PrefillPlan(self, rows, chunks, offsets))
+        assert dec is not None and pre is not None
+        return dec, pre
+
+    @torch.inference_mode()
+    def forward(
+        self, decode: _DecodePlan | None, prefill: _PrefillPlan | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The decoder over the tokens of both plans at once: linears and MLPs see all of them in one
+        matmul; attention runs per plan (decode: batched matmuls over the cache; prefill: SDPA)."""
+        plans = [p for p in (decode, prefill) if p is not None]
+        ids = torch.cat([p.ids for p in plans]) if len(plans) > 1 else plans[0].ids
+        split = decode.count if decode is not None else 0
+        x = F.embedding(ids, self.embed)
+        for layer, w in enumerate(self.layers):
+            h = F.layer_norm(x, (self.hidden,), w.ln_weight, w.ln_bias, self.eps)
+            qkv = w.qkv(h)
+            if decode is not None and prefill is not None:
+                attn = torch.cat([decode.attend(layer, qkv[:split]), prefill.attend(layer, qkv[split:])])
+            else:
+                attn = plans[0].attend(layer, qkv)
+            x = self._mlp_and_residual(x, h, w.dense(attn), w)
+        picks = []
+        if decode is not None:
+            picks.append(x[:split])
+        if prefill is not None:
+            picks.append(x[split:][prefill.last_index])
+        last = torch.cat(picks) if len(picks) > 1 else picks[0]
+        logits = self.lm_head(F.layer_norm(last, (self.hidden,), self.ln_f[0], self.ln_f[1], self.eps))
+        if decode is None:
+            return None, logits
+        if prefill is None:
+            return logits, None
+        return logits[:split], logits[split:]
+
+
+class _DecodePlan:
+    """One step of decoding rows: positions, mask and cache rows, shared by all layers."""
+
+    def __init__(self, runner: FalconRunner, tokens: torch.Tensor, lengths: torch.Tensor,
+                 rows: torch.Tensor | None) -> None:
+        self.runner, self.lengths, self.rows = runner, lengths, rows
+        self.ids = tokens
+        self.count = batch = tokens.shape[0]
+        self.row_index = torch.arange(batch, device=runner.device) if rows is None else rows
+        self.width = width = int(lengths.max()) + 1
+        self.cos, self.sin = runner.cos[lengths].unsqueeze(1), runner.sin[lengths].unsqueeze(1)  # (B, 1, D)
+        mask = torch.zeros(batch, 1, width, dtype=runner.dtype, device=runner.device)
+        self.mask = mask.masked_fill_(runner._positions[:width][None, None] > lengths[:, None, None], float("-inf"))
+
+    def attend(self, layer: int, qkv: torch.Tensor) -> torch.Tensor:
+        r, heads, batch = self.runner, self.runner.num_heads, self.count
+        qkv = qkv.view(batch, heads + 2, r.head_dim)
+        q, k, v = qkv[:, :heads], qkv[:, heads:heads + 1], qkv[:, heads + 1]
+        q = q * self.cos + _rotate_half(q) * self.sin
+        k = (k * self.cos + _rotate_half(k) * self.sin)[:, 0]
+        r.keys[layer, self.row_index, self.lengths] = k
+        r.values[layer, self.row_index, self.lengths] = v
+        if self.rows is None:  # rows 0..B-1: views, no copy
+            keys, values = r.keys[layer, :batch, :self.width], r.values[layer, :batch, :self.width]
+        else:
+            keys, values = r.keys[layer, self.rows, :self.width], r.values[layer, self.rows, :self.width]
+        scores = torch.baddbmm(self.mask, q, keys.transpose(1, 2), alpha=r.scale)  # (B, H, W)
+        return torch.bmm(scores.softmax(-1), values).reshape(batch, heads * r.head_dim)
+
+
+class _PrefillPlan:
+    """Prompt chunks of some rows, right-padded to one width: positions, masks, where to write."""
+
+    def __init__(self, runner: FalconRunner, rows: Seq[int], chunks: Seq[Seq[int]], offsets: Seq[int]) -> None:
+        self.runner = runner
+        dev = runner.device
         n, width_q = len(rows), max(len(c) for c in chunks)
-        dev = self.device
+        self.n, self.width_q = n, width_q
         ids = torch.zeros(n, width_q, dtype=torch.long)
         for i, chunk in enumerate(chunks):
             ids[i, : len(chunk)] = torch.tensor(chunk, dtype=torch.long)
-        ids = ids.to(dev)
+        self.ids = ids.to(dev).reshape(-1)
+        self.count = n * width_q
         sizes = torch.tensor([len(c) for c in chunks], device=dev)
         starts = torch.tensor(list(offsets), device=dev)
         ends = starts + sizes
         # padded query slots get the row's last real position: harmless, their outputs are never used
         positions = torch.minimum(starts[:, None] + torch.arange(width_q, device=dev)[None], ends[:, None] - 1)
-        width_k = int(ends.max())
-        key_pos = self._positions[:width_k]
+        self.width_k = int(ends.max())
+        key_pos = runner._positions[: self.width_k]
         allowed = (key_pos[None, None, :] <= positions[:, :, None]) & (key_pos[None, None, :] < ends[:, None, None])
-        allowed = allowed.unsqueeze(1)  # (n, 1, Sq, Sk)
-        row_index = torch.tensor(list(rows), device=dev)
-        valid = torch.arange(width_q, device=dev)[None] < sizes[:, None]  # real (not padding) query slots
-        write_rows, write_pos = row_index[:, None].expand(n, width_q)[valid], positions[valid]
-        cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)  # (n, 1, Sq, D)
-        x = F.embedding(ids, self.embed)
-        heads = self.num_heads
-        for layer, w in enumerate(self.layers):
-            h = F.layer_norm(x, (self.hidden,), w.ln_weight, w.ln_bias, self.eps)
-            qkv = w.qkv(h).view(n, width_q, heads + 2, self.head_dim).transpose(1, 2)
-            q, k, v = qkv[:, :heads], qkv[:, heads:heads + 1], qkv[:, heads + 1:]
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
-            self.keys[layer, write_rows, write_pos] = k[:, 0][valid]
-            self.values[layer, write_rows, write_pos] = v[:, 0][valid]
-            keys = self.keys[layer, row_index, :width_k].unsqueeze(1)
-            values = self.values[layer, row_index, :width_k].unsqueeze(1)
-            attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed, enable_gqa=True)
-            attn = attn.transpose(1, 2).reshape(n, width_q, heads * self.head_dim)
-            x = self._mlp_and_residual(x, h, w.dense(attn), w)
-        last = x[torch.arange(n, device=dev), sizes - 1]
-        last = F.layer_norm(last, (self.hidden,), self.ln_f[0], self.ln_f[1], self.eps)
-        return self.lm_head(last)
+        self.allowed = allowed.unsqueeze(1)  # (n, 1, Sq, Sk)
+        self.row_index = torch.tensor(list(rows), device=dev)
+        self.valid = torch.arange(width_q, device=dev)[None] < sizes[:, None]  # real (not padding) query slots
+        self.write_rows = self.row_index[:, None].expand(n, width_q)[self.valid]
+        self.write_pos = positions[self.valid]
+        self.cos, self.sin = runner.cos[positions].unsqueeze(1), runner.sin[positions].unsqueeze(1)  # (n, 1, Sq, D)
+        self.last_index = torch.arange(n, device=dev) * width_q + sizes - 1  # each chunk's last token
+
+    def attend(self, layer: int, qkv: torch.Tensor) -> torch.Tensor:
+        r, heads, n, width_q = self.runner, self.runner.num_heads, self.n, self.width_q
+        qkv = qkv.view(n, width_q, heads + 2, r.head_dim).transpose(1, 2)
+        q, k, v = qkv[:, :heads], qkv[:, heads:heads + 1], qkv[:, heads + 1:]
+        q = q * self.cos + _rotate_half(q) * self.sin
+        k = k * self.cos + _rotate_half(k) * self.sin
+        r.keys[layer, self.write_rows, self.write_pos] = k[:, 0][self.valid]
+        r.values[layer, self.write_rows, self.write_pos] = v[:, 0][self.valid]
+        keys = r.keys[layer, self.row_index, : self.width_k].unsqueeze(1)
+        values = r.values[layer, self.row_index, : self.width_k].unsqueeze(1)
+        attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=self.allowed, enable_gqa=True)
+        return attn.transpose(1, 2).reshape(n * width_q, heads * r.head_dim)

@@ -141,3 +141,27 @@ def test_a_staged_prompt_joins_a_running_batch(runner, tiny_model, texts):
     torch.testing.assert_close(step[0], reference_logits(tiny_model, running), atol=ATOL, rtol=0)
     torch.testing.assert_close(step[1], reference_logits(tiny_model, [*long, 3]), atol=ATOL, rtol=0)
     torch.testing.assert_close(step[2], reference_logits(tiny_model, [*long, 4]), atol=ATOL, rtol=0)
+
+
+def test_decoding_and_prefilling_in_one_pass_equals_each_alone(runner, tiny_model, texts):
+    batch = RunningBatch(runner)
+    first = batch.add([texts[0], texts[1]], [1, 1])
+    seqs = [[*texts[0], int(first[0].argmax())], [*texts[1], int(first[1].argmax())]]
+    calls = []
+    original = runner.forward
+
+    def counting(decode, prefill):
+        calls.append((decode is not None, prefill is not None))
+        return original(decode, prefill)
+
+    runner.forward = counting
+    decoded, added = batch.step_and_add([s[-1] for s in seqs], [texts[2], texts[3]], [2, 1])
+    assert calls == [(True, True)]  # one pass over the weights
+    for row, tokens in enumerate(seqs):
+        torch.testing.assert_close(decoded[row], reference_logits(tiny_model, tokens), atol=ATOL, rtol=0)
+    for row, tokens in enumerate([texts[2], texts[2], texts[3]]):
+        torch.testing.assert_close(added[row], reference_logits(tiny_model, tokens), atol=ATOL, rtol=0)
+    assert batch.lengths == [len(seqs[0]), len(seqs[1]), len(texts[2]), len(texts[2]), len(texts[3])]
+    step = batch.step([5, 6, 7, 8, 9])
+    torch.testing.assert_close(step[0], reference_logits(tiny_model, [*seqs[0], 5]), atol=ATOL, rtol=0)
+    torch.testing.assert_close(step[3], reference_logits(tiny_model, [*texts[2], 8]), atol=ATOL, rtol=0)
