@@ -277,13 +277,18 @@ class OpenAIServing:
                 for t in tasks:
                     t.cancel()
         finally:
-            unfinished = [s for s in streams if not s.finished]
-            for s in unfinished:
-                s.abort()
-            if unfinished:
-                usage = OpenAIServing._usage(streams)
-                log.info("request aborted after %d prompt + %d completion tokens",
-                         usage.prompt_tokens, usage.completion_tokens)
+            OpenAIServing._abort_unfinished(streams)
+
+    @staticmethod
+    def _abort_unfinished(streams: Seq[RequestStream]) -> None:
+        """Stop what nobody will read any more (the client hung up, or a failure ended the response)."""
+        unfinished = [s for s in streams if not s.finished]
+        for s in unfinished:
+            s.abort()
+        if unfinished:
+            usage = OpenAIServing._usage(streams)
+            log.info("request aborted after %d prompt + %d completion tokens",
+                     usage.prompt_tokens, usage.completion_tokens)
 
     # ---------- chat ----------
 
@@ -336,6 +341,8 @@ class OpenAIServing:
                 yield chunk([], usage=self._usage(streams))
         except Exception as exc:
             yield sse(to_api_error(exc).body())
+        finally:  # also when the client hangs up before the first engine event is read
+            self._abort_unfinished(streams)
         yield DONE
 
     # ---------- completions ----------
@@ -396,13 +403,18 @@ class OpenAIServing:
                 yield chunk([], usage=self._usage(streams))
         except Exception as exc:
             yield sse(to_api_error(exc).body())
+        finally:  # also when the client hangs up before the first engine event is read
+            self._abort_unfinished(streams)
         yield DONE
 
     async def text_stream(self, body: CompletionRequest) -> AsyncIterator[str]:
         """Plain text deltas of a one-prompt, one-choice completion (the native `generate` API)."""
         prepared = self._prepare_completion(body)
         streams = self._submit(prepared)
-        async for _, event in self._events(streams):
-            if event.text:
-                yield event.text
+        try:
+            async for _, event in self._events(streams):
+                if event.text:
+                    yield event.text
+        finally:
+            self._abort_unfinished(streams)
 

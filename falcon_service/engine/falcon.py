@@ -117,9 +117,10 @@ class FalconRunner:
             cos, sin = t.rotary_emb(probe, positions)
         self.cos, self.sin = cos[0], sin[0]  # (max_len, head_dim)
         shape = (len(self.layers), rows, max_len, self.head_dim)
-        # empty, not zeros: pages are only touched (and resident) once rows are used
-        self.keys = torch.empty(shape, dtype=self.dtype, device=self.device)
-        self.values = torch.empty(shape, dtype=self.dtype, device=self.device)
+        # zeros, not empty: attention multiplies the masked slots by 0, and 0 * NaN (which fresh memory
+        # can hold) would poison the row
+        self.keys = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.values = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self._positions = torch.arange(max_len, device=self.device)
 
     @property

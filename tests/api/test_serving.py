@@ -50,3 +50,37 @@ async def test_chat_logprobs_have_one_entry_per_token_with_sorted_alternatives(a
     without = (await api.client.post("/v1/chat/completions", json={**body, "logprobs": False,
                                                                     "top_logprobs": None})).json()
     assert without["choices"][0]["logprobs"] is None
+
+
+async def test_a_stream_closed_after_its_role_chunk_aborts_the_request(api) -> None:
+    """The client that hangs up right after the first chunk, before any token was read: still aborted."""
+    import asyncio
+
+    from falcon_service.api.protocol import CompletionRequest
+
+    engine: Engine = api.engine
+    records = []
+
+    class Recorder:
+        def on_step(self, *_: int) -> None: ...
+        def on_rejected(self) -> None: ...
+        def on_request_done(self, record) -> None:
+            records.append(record)
+
+    engine.observer = Recorder()
+    streams = [
+        api.serving.chat_stream(chat(max_tokens=1500, ignore_eos=True, stream=True)),
+        api.serving.completion_stream(CompletionRequest(model=MODEL_NAME, prompt="Hi", max_tokens=1500,
+                                                        ignore_eos=True, stream=True, echo=True)),
+    ]
+    for sse in streams:
+        first = await anext(sse)
+        assert first.startswith("data: ")
+        await sse.aclose()
+    for _ in range(1000):
+        if len(records) == 2:
+            break
+        await asyncio.sleep(0.01)
+    assert [r.finish_reason for r in records] == ["abort", "abort"]
+    assert all(r.completion_tokens < 1500 for r in records)
+    assert engine.stats() == {"waiting": 0, "running": 0, "cache_tokens": 0}

@@ -32,13 +32,17 @@ def delta(before: dict[str, float], after: dict[str, float], name: str) -> float
     return after.get(name, 0.0) - before.get(name, 0.0)
 
 
-def wait_idle(url: str, timeout: float = 30.0) -> dict[str, float]:
+def wait_idle(url: str, before: dict[str, float] | None = None, aborts: int = 0,
+              timeout: float = 30.0) -> dict[str, float]:
+    """/metrics once `aborts` more requests ended by abort than in `before` and the engine is idle
+    (gauges are set at the end of each engine step, so they may lag a request just submitted)."""
     deadline = time.monotonic() + timeout
     while True:
         m = metrics(url)
         idle = (m.get("falcon_requests_running") == 0 and m.get("falcon_requests_waiting") == 0
                 and m.get("falcon_kv_cache_tokens") == 0)
-        if idle or time.monotonic() > deadline:
+        counted = before is None or delta(before, m, "falcon_requests_finished_total:abort") >= aborts
+        if (idle and counted) or time.monotonic() > deadline:
             return m
         time.sleep(0.1)
 
@@ -58,7 +62,7 @@ def test_streams_that_hang_up_are_aborted_and_the_engine_is_idle_again(server):
             first = next(line for line in r.iter_lines() if line.startswith("data: "))
             assert '"role":"assistant"' in first
     # all eight clients hung up
-    after = wait_idle(server.url)
+    after = wait_idle(server.url, before, aborts=8)
     assert after["falcon_requests_running"] == 0
     assert after["falcon_requests_waiting"] == 0
     assert after["falcon_kv_cache_tokens"] == 0
@@ -75,7 +79,7 @@ def test_a_non_streaming_client_that_hangs_up_is_aborted(server):
     before = metrics(server.url)
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{server.url}/v1/chat/completions", json=long_chat(server.model, False), timeout=1.0)
-    after = wait_idle(server.url)
+    after = wait_idle(server.url, before, aborts=1)
     assert after["falcon_requests_running"] == 0 and after["falcon_kv_cache_tokens"] == 0
     assert delta(before, after, "falcon_requests_finished_total:abort") == 1
 
@@ -91,7 +95,9 @@ def test_full_queue_rejects_at_once_and_accepted_requests_all_complete(narrow_se
     accepted = [r for r in responses if r.status_code == 200]
     rejected = [r for r in responses if r.status_code == 429]
     assert len(accepted) + len(rejected) == 12, [r.status_code for r in responses]
-    assert len(accepted) >= 4  # two decoding and two waiting fit
+    # the queue holds two requests not yet admitted (admission happens on the engine thread, so a burst
+    # can fill the queue before the engine has moved anything into its two rows)
+    assert len(accepted) >= 2
     assert rejected, "12 simultaneous requests should overflow 2 rows + 2 queue places"
     for r in rejected:
         assert int(r.headers["retry-after"]) >= 1

@@ -165,3 +165,9 @@ def test_decoding_and_prefilling_in_one_pass_equals_each_alone(runner, tiny_mode
     step = batch.step([5, 6, 7, 8, 9])
     torch.testing.assert_close(step[0], reference_logits(tiny_model, [*seqs[0], 5]), atol=ATOL, rtol=0)
     torch.testing.assert_close(step[3], reference_logits(tiny_model, [*texts[2], 8]), atol=ATOL, rtol=0)
+
+
+def test_a_new_cache_holds_no_garbage(tiny_model):
+    # attention multiplies masked slots by 0; 0 * NaN from uninitialised memory would poison whole rows
+    runner = FalconRunner(tiny_model, rows=4, max_len=64)
+    assert not runner.keys.any() and not runner.values.any()
