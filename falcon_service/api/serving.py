@@ -290,19 +290,24 @@ class OpenAIServing:
             log.info("request aborted after %d prompt + %d completion tokens",
                      usage.prompt_tokens, usage.completion_tokens)
 
+    async def _collect(self, streams: Seq[RequestStream], texts: list[str]
+                       ) -> tuple[list[str], list[list[TokenLogprob]], list[str | None]]:
+        """Run the streams to their end: each choice's text (after what `texts` holds), logprobs, finish reason."""
+        logprobs: list[list[TokenLogprob]] = [[] for _ in texts]
+        finish: list[str | None] = [None] * len(texts)
+        async for index, event in self._events(streams):
+            texts[index] += event.text
+            logprobs[index] += event.logprobs
+            finish[index] = event.finish_reason or finish[index]
+        return texts, logprobs, finish
+
     # ---------- chat ----------
 
     async def chat(self, body: ChatCompletionRequest) -> ChatCompletionResponse:
         prepared = self._prepare_chat(body)
         streams = self._submit(prepared)
         n = body.n or 1
-        texts = [""] * n
-        logprobs: list[list[TokenLogprob]] = [[] for _ in range(n)]
-        finish: list[str | None] = [None] * n
-        async for index, event in self._events(streams):
-            texts[index] += event.text
-            logprobs[index] += event.logprobs
-            finish[index] = event.finish_reason or finish[index]
+        texts, logprobs, finish = await self._collect(streams, [""] * n)
         choices = [
             ChatChoice(index=i, message=ResponseMessage(content=texts[i]), finish_reason=finish[i],
                        logprobs=self._chat_logprobs(logprobs[i]) if body.logprobs else None)
@@ -352,13 +357,8 @@ class OpenAIServing:
         streams = self._submit(prepared)
         n = body.n or 1
         total = n * len(streams)
-        texts = [prepared.prompt_texts[i // n] if body.echo else "" for i in range(total)]
-        logprobs: list[list[TokenLogprob]] = [[] for _ in range(total)]
-        finish: list[str | None] = [None] * total
-        async for index, event in self._events(streams):
-            texts[index] += event.text
-            logprobs[index] += event.logprobs
-            finish[index] = event.finish_reason or finish[index]
+        echoed = [prepared.prompt_texts[i // n] if body.echo else "" for i in range(total)]
+        texts, logprobs, finish = await self._collect(streams, echoed)
         choices = [
             CompletionChoice(index=i, text=texts[i], finish_reason=finish[i],
                              logprobs=self._completion_logprobs(logprobs[i], 0) if body.logprobs is not None else None)
