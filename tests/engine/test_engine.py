@@ -438,3 +438,15 @@ async def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(make_en
     first_prefill, last_prefill = kinds.index("prefill"), len(kinds) - 1 - kinds[::-1].index("prefill")
     between = kinds[first_prefill:last_prefill + 1]
     assert between.count("decode") >= between.count("prefill") - 1
+
+
+def test_default_kv_budget_comes_from_free_memory(tiny_model, monkeypatch):
+    from falcon_service.engine import engine as engine_module
+
+    per_token = engine_module.kv_bytes_per_token(tiny_model)
+    assert per_token == 2 * 2 * 1 * 64 * 4  # K and V, 2 layers, one KV head (multi-query), head_dim 64, fp32
+    monkeypatch.setattr(engine_module, "_available_host_memory", lambda: 1000 * 2048 * per_token)
+    # half of free memory holds 500 full contexts: capped by the row limit, floored at one context
+    assert engine_module.default_kv_budget(tiny_model, 0.5, max_rows=64, max_len=2048) == 64 * 2048
+    assert engine_module.default_kv_budget(tiny_model, 0.5, max_rows=1000, max_len=2048) == 500 * 2048
+    assert engine_module.default_kv_budget(tiny_model, 1e-9, max_rows=64, max_len=2048) == 2048
