@@ -277,7 +277,7 @@ class Engine:
             raise ValueError(f"n={request.n} is more than the {self.limits.max_batch_size} sequences "
                              "this server decodes at once")
         stream = RequestStream(self, request, asyncio.get_running_loop())
-        demand = Demand(request.n, len(request.prompt_ids), request.params.max_tokens)
+        demand = Demand(request.n, len(request.prompt_ids))
         with self._wake:
             try:
                 self.scheduler.add(stream, demand)

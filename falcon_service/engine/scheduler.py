@@ -28,9 +28,8 @@ class BatchLimits:
 class Demand:
     """What admitting one request would add to the batch."""
 
-    rows: int
+    rows: int  # KV-cache rows: one per choice
     prompt_len: int
-    max_new_tokens: int
 
 
 @dataclass(frozen=True)

@@ -22,65 +22,65 @@ def scheduler_with(lim: BatchLimits, *demands: Demand) -> Scheduler[str]:
 
 
 def test_full_queue_raises_at_once_and_keeps_the_queue():
-    s = scheduler_with(limits(queue=2), Demand(1, 4, 4), Demand(1, 4, 4))
+    s = scheduler_with(limits(queue=2), Demand(1, 4), Demand(1, 4))
     with pytest.raises(QueueFullError):
-        s.add("r2", Demand(1, 4, 4))
+        s.add("r2", Demand(1, 4))
     assert s.num_waiting == 2
     assert s.admit(EMPTY) == ["r0", "r1"]
-    s.add("r3", Demand(1, 4, 4))  # room again once admitted
+    s.add("r3", Demand(1, 4))  # room again once admitted
     assert s.num_waiting == 1
 
 
 def test_zero_queue_size_rejects_everything():
     s: Scheduler[str] = Scheduler(limits(queue=0))
     with pytest.raises(QueueFullError):
-        s.add("r0", Demand(1, 1, 1))
+        s.add("r0", Demand(1, 1))
     assert s.num_waiting == 0
 
 
 def test_admission_respects_max_batch_size_counting_choices():
-    s = scheduler_with(limits(batch=4), *[Demand(1, 5, 5) for _ in range(6)])
+    s = scheduler_with(limits(batch=4), *[Demand(1, 5) for _ in range(6)])
     assert s.admit(EMPTY) == ["r0", "r1", "r2", "r3"]
     assert s.num_waiting == 2
     # three rows running: one more single choice fits, a request with n=2 does not
-    s = scheduler_with(limits(batch=4), Demand(2, 5, 5), Demand(1, 5, 5))
+    s = scheduler_with(limits(batch=4), Demand(2, 5), Demand(1, 5))
     assert s.admit(BatchLoad(rows=3)) == []
     assert s.admit(BatchLoad(rows=2)) == ["r0"]
     assert s.admit(BatchLoad(rows=3)) == ["r1"]
 
 
 def test_admission_respects_max_prefill_tokens():
-    s = scheduler_with(limits(prefill=100), Demand(1, 60, 4), Demand(1, 30, 4), Demand(1, 50, 4))
+    s = scheduler_with(limits(prefill=100), Demand(1, 60), Demand(1, 30), Demand(1, 50))
     assert s.admit(EMPTY) == ["r0", "r1"]  # 60 + 30 <= 100 < 60 + 30 + 50
     assert s.admit(EMPTY) == ["r2"]
 
 
 def test_an_over_long_prompt_is_admitted_alone():
-    s = scheduler_with(limits(prefill=100), Demand(1, 250, 4), Demand(1, 5, 4))
+    s = scheduler_with(limits(prefill=100), Demand(1, 250), Demand(1, 5))
     assert s.admit(EMPTY) == ["r0"]
     assert s.admit(EMPTY) == ["r1"]
-    s = scheduler_with(limits(prefill=100), Demand(1, 5, 4), Demand(1, 250, 4))
+    s = scheduler_with(limits(prefill=100), Demand(1, 5), Demand(1, 250))
     assert s.admit(EMPTY) == ["r0"]  # not together with something already chosen
     assert s.admit(BatchLoad(rows=1)) == ["r1"]
 
 
 def test_the_row_bound_holds_even_for_an_empty_batch():
     # every sequence needs a KV-cache row of its own: n=4 never fits 2 rows (the engine refuses it at submit)
-    s = scheduler_with(limits(batch=2), Demand(4, 40, 40), Demand(1, 5, 5))
+    s = scheduler_with(limits(batch=2), Demand(4, 40), Demand(1, 5))
     assert s.admit(EMPTY) == []
     assert s.num_waiting == 2
 
 
 def test_admission_is_first_come_first_served():
     # the head does not fit; a smaller request behind it must not overtake it
-    s = scheduler_with(limits(batch=4), Demand(3, 5, 5), Demand(1, 5, 5), Demand(1, 5, 5))
+    s = scheduler_with(limits(batch=4), Demand(3, 5), Demand(1, 5), Demand(1, 5))
     assert s.admit(BatchLoad(rows=2)) == []
     assert s.admit(EMPTY) == ["r0", "r1"]
     assert s.admit(EMPTY) == ["r2"]
 
 
 def test_remove_takes_out_matching_waiting_requests_in_order():
-    s = scheduler_with(limits(), *[Demand(1, 5, 5) for _ in range(5)])
+    s = scheduler_with(limits(), *[Demand(1, 5) for _ in range(5)])
     assert s.remove(lambda item: item in {"r1", "r3", "nope"}) == ["r1", "r3"]
     assert s.num_waiting == 3
     assert s.remove(lambda item: False) == []
