@@ -128,11 +128,10 @@ class RequestStream:
     def _deliver(self, item: list[ChoiceEvent] | BaseException, outbox: Outbox | None = None) -> None:
         """Send events to the caller, or into `outbox` to be sent with others in one hand-over."""
         self._account(item)
-        if outbox is not None:
+        if outbox is None:
+            send({self._loop: [(self._queue, item)]})
+        else:
             outbox.setdefault(self._loop, []).append((self._queue, item))
-            return
-        with contextlib.suppress(RuntimeError):  # the caller's loop is closed: nobody listens any more
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
 
     def _account(self, item: list[ChoiceEvent] | BaseException) -> None:
         """Engine-side bookkeeping; reports the request's record once its last choice has ended."""

@@ -82,8 +82,8 @@ class FalconRunner:
     """Prefill and decode steps for up to `rows` sequences of up to `max_len` tokens each.
 
     Row r's cache holds `lengths[r]` tokens. Rows are addressed by index; the caller keeps the
-    rows it decodes together compact at the front (`decode` with `rows=None` takes rows 0..B-1
-    as views, with no copy).
+    rows it decodes together compact at the front (a decode step reads rows 0..B-1 as views,
+    with no copy).
     """
 
     def __init__(self, model: PreTrainedModel, rows: int, max_len: int) -> None:
@@ -137,12 +137,10 @@ class FalconRunner:
         mlp = w.four_h_to_h(F.gelu(w.h_to_4h(h)))
         return (mlp + attn) + x
 
-    def decode(self, tokens: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """One new token per row; `lengths` (B,) is each row's cached length (= the token's position).
-
-        Returns next-token logits (B, vocab). `rows` (B,) names the cache rows; None means 0..B-1.
-        """
-        logits, _ = self.forward(_DecodePlan(self, tokens, lengths, rows), None)
+    def decode(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """One new token for each of rows 0..B-1; `lengths` (B,) is each row's cached length (= the
+        token's position). Returns next-token logits (B, vocab)."""
+        logits, _ = self.forward(_DecodePlan(self, tokens, lengths), None)
         return logits
 
     def prefill(self, rows: Seq[int], chunks: Seq[Seq[int]], offsets: Seq[int]) -> torch.Tensor:
@@ -157,7 +155,7 @@ class FalconRunner:
         self, tokens: torch.Tensor, lengths: torch.Tensor, rows: Seq[int], chunks: Seq[Seq[int]], offsets: Seq[int]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """A decode step of rows 0..B-1 and prompt chunks for other rows in one pass over the weights."""
-        dec, pre = self.forward(_DecodePlan(self, tokens, lengths, None), _PrefillPlan(self, rows, chunks, offsets))
+        dec, pre = self.forward(_DecodePlan(self, tokens, lengths), _PrefillPlan(self, rows, chunks, offsets))
         assert dec is not None and pre is not None
         return dec, pre
 
@@ -194,14 +192,13 @@ class FalconRunner:
 
 
 class _DecodePlan:
-    """One step of decoding rows: positions, mask and cache rows, shared by all layers."""
+    """One decode step of rows 0..B-1: positions and mask, shared by all layers."""
 
-    def __init__(self, runner: FalconRunner, tokens: torch.Tensor, lengths: torch.Tensor,
-                 rows: torch.Tensor | None) -> None:
-        self.runner, self.lengths, self.rows = runner, lengths, rows
+    def __init__(self, runner: FalconRunner, tokens: torch.Tensor, lengths: torch.Tensor) -> None:
+        self.runner, self.lengths = runner, lengths
         self.ids = tokens
         self.count = batch = tokens.shape[0]
-        self.row_index = torch.arange(batch, device=runner.device) if rows is None else rows
+        self.row_index = torch.arange(batch, device=runner.device)
         self.width = width = int(lengths.max()) + 1
         self.cos, self.sin = runner.cos[lengths].unsqueeze(1), runner.sin[lengths].unsqueeze(1)  # (B, 1, D)
         mask = torch.zeros(batch, 1, width, dtype=runner.dtype, device=runner.device)
@@ -215,10 +212,7 @@ class _DecodePlan:
         k = (k * self.cos + _rotate_half(k) * self.sin)[:, 0]
         r.keys[layer, self.row_index, self.lengths] = k
         r.values[layer, self.row_index, self.lengths] = v
-        if self.rows is None:  # rows 0..B-1: views, no copy
-            keys, values = r.keys[layer, :batch, :self.width], r.values[layer, :batch, :self.width]
-        else:
-            keys, values = r.keys[layer, self.rows, :self.width], r.values[layer, self.rows, :self.width]
+        keys, values = r.keys[layer, :batch, :self.width], r.values[layer, :batch, :self.width]  # views, no copy
         scores = torch.baddbmm(self.mask, q, keys.transpose(1, 2), alpha=r.scale)  # (B, H, W)
         return torch.bmm(scores.softmax(-1), values).reshape(batch, heads * r.head_dim)
 
