@@ -98,7 +98,8 @@ class FalconService:
             import torch
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
-            from .engine.engine import Engine, default_kv_budget
+            from .engine.engine import Engine
+            from .engine.kv_cache import default_kv_budget
             from .engine.scheduler import BatchLimits
             from .metrics import ServiceMetrics
 
@@ -113,7 +114,8 @@ class FalconService:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
             max_len = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
             budget = SETTINGS.max_batch_tokens or default_kv_budget(
-                model, SETTINGS.kv_cache_memory_fraction, SETTINGS.max_batch_size, max_len
+                model.config, model.dtype, model.device, SETTINGS.kv_cache_memory_fraction, SETTINGS.max_batch_size,
+                max_len,
             )
             limits = BatchLimits(SETTINGS.max_batch_size, budget, SETTINGS.max_prefill_tokens, SETTINGS.max_queue_size)
             threads = SETTINGS.torch_threads or len(os.sched_getaffinity(0))

@@ -1,12 +1,25 @@
-"""Shared fixtures: a tiny random-weight Falcon checkpoint built once per test session."""
+"""Shared fixtures: a tiny random-weight Falcon checkpoint built once per test session.
+
+`FALCON_TEST_DEVICE` (default `cpu`) puts the model, and so the engine's tensors, on another
+device: `FALCON_TEST_DEVICE=cuda pytest tests/engine` runs the engine's tests on a GPU.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from falcon_service.checkpoints import build_random_checkpoint
+
+TEST_DEVICE = os.environ.get("FALCON_TEST_DEVICE", "cpu")
+
+
+@pytest.fixture(scope="session")
+def device() -> str:
+    """Where the engine's tests run (`FALCON_TEST_DEVICE`, default cpu)."""
+    return TEST_DEVICE
 
 
 @pytest.fixture(scope="session")
@@ -25,11 +38,16 @@ def tiny_tokenizer(tiny_checkpoint: Path):
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_checkpoint: Path):
-    """The tiny checkpoint as a float32 `FalconForCausalLM` in eval mode; shared, so tests must not modify it."""
+    """The tiny checkpoint as a float32 `FalconForCausalLM` in eval mode on the test device; shared, so
+    tests must not modify it. (float32 on CUDA too, without TF32: the engine must match transformers
+    closely; bf16 has tests of its own with stated tolerances.)"""
     import torch
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32).eval()
+    if TEST_DEVICE.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    return AutoModelForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32).to(TEST_DEVICE).eval()
 
 
 class ControlledModel:

@@ -2,9 +2,15 @@
 
 transformers' `FalconForCausalLM` holds the weights; this module runs them without its
 generic machinery: no cache concatenation per step (keys and values are written in place
-into a (layers, rows, max_len, head_dim) buffer), multi-query attention without expanding
-the single KV head, logits only for the positions that need them. Architecture: multi-query
-attention, parallel attention + MLP, rotary positions (Falcon-7B / 7B-Instruct).
+into the `KVCache`), multi-query attention without expanding the single KV head, logits only
+for the positions that need them. Architecture: multi-query attention, parallel attention +
+MLP, rotary positions (Falcon-7B / 7B-Instruct).
+
+Nothing here waits for the device: shapes come from the host's own bookkeeping, index lists are
+uploaded (`DeviceIO`), and a decode step reads its inputs from fixed buffers (`tokens`,
+`lengths`, `write_rows`), so that it can be captured once as a CUDA graph and replayed.
+Attention runs in scaled_dot_product_attention, whose kernels keep scores and softmax in float32
+whatever the model's dtype.
 """
 
 from __future__ import annotations
@@ -17,6 +23,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
+
+from .device import DeviceIO
+from .kv_cache import KVCache
 
 
 class UnsupportedModelError(ValueError):
@@ -48,6 +57,7 @@ def make_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> Linear:
 
     The prepacked matmul is what torch.compile uses for frozen CPU linears: about 3x faster than
     the plain one at the batch sizes of decoding (measured on this project's 2-core dev machine).
+    The prepacked copy is what the returned function holds: drop `weight` and it is held once.
     """
     if weight.device.type == "cpu" and torch.backends.mkldnn.is_available() and weight.dtype in (
         torch.float32, torch.bfloat16,
@@ -79,36 +89,34 @@ class _Layer:
 
 
 class FalconRunner:
-    """Prefill and decode steps for up to `rows` sequences of up to `max_len` tokens each.
+    """Prefill and decode steps for up to `batch_rows` sequences of up to `max_len` tokens each.
 
-    Row r's cache holds `lengths[r]` tokens. Rows are addressed by index; the caller keeps the
-    rows it decodes together compact at the front (a decode step reads rows 0..B-1 as views,
-    with no copy).
+    Row r's cache holds `lengths[r]` tokens. A decode step of `count` rows feeds `tokens[:count]`
+    at positions `lengths[:count]`, writes each row's new key and value to `write_rows[:count]`
+    (its own row, or the scratch row for padding) and attends over the first `width` positions of
+    rows 0..count-1, read as views with no copy. The caller (`RunningBatch`) keeps these buffers.
+
+    With `release_weights`, each linear's original weight is dropped from the model once its
+    prepacked copy exists (CPU), so the weights are held once; the model is then no longer usable
+    on its own.
     """
 
-    def __init__(self, model: PreTrainedModel, rows: int, max_len: int) -> None:
+    def __init__(self, model: PreTrainedModel, batch_rows: int, max_len: int, release_weights: bool = False) -> None:
         cfg = model.config
         check_architecture(cfg)
-        self.rows, self.max_len = rows, max_len
+        self.max_len = max_len
         self.num_heads = cfg.num_attention_heads
         self.head_dim = cfg.hidden_size // cfg.num_attention_heads
         self.hidden = cfg.hidden_size
+        self.vocab_size = cfg.vocab_size
         self.eps = cfg.layer_norm_epsilon
         self.scale = 1.0 / math.sqrt(self.head_dim)
         self.device, self.dtype = model.device, model.dtype
+        self.io = DeviceIO(self.device)
         t = model.transformer
         self.embed = t.word_embeddings.weight
         with torch.inference_mode():
-            self.layers = [
-                _Layer(
-                    layer.input_layernorm.weight, layer.input_layernorm.bias,
-                    make_linear(layer.self_attention.query_key_value.weight, layer.self_attention.query_key_value.bias),
-                    make_linear(layer.self_attention.dense.weight, layer.self_attention.dense.bias),
-                    make_linear(layer.mlp.dense_h_to_4h.weight, layer.mlp.dense_h_to_4h.bias),
-                    make_linear(layer.mlp.dense_4h_to_h.weight, layer.mlp.dense_4h_to_h.bias),
-                )
-                for layer in t.h
-            ]
+            self.layers = [self._layer(layer, release_weights) for layer in t.h]
             self.lm_head = make_linear(model.lm_head.weight, None)
         self.ln_f = (t.ln_f.weight, t.ln_f.bias)
         with torch.inference_mode():
@@ -116,31 +124,46 @@ class FalconRunner:
             probe = torch.zeros(1, dtype=self.dtype, device=self.device)
             cos, sin = t.rotary_emb(probe, positions)
         self.cos, self.sin = cos[0], sin[0]  # (max_len, head_dim)
-        shape = (len(self.layers), rows, max_len, self.head_dim)
-        # zeros, not empty: attention multiplies the masked slots by 0, and 0 * NaN (which fresh memory
-        # can hold) would poison the row
-        self.keys = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        self.values = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.cache = KVCache(len(self.layers), batch_rows, max_len, self.head_dim, self.dtype, self.device)
         self._positions = torch.arange(max_len, device=self.device)
+        # decode inputs: fixed buffers, so that a captured decode step replays over new values
+        self.tokens = torch.zeros(batch_rows, dtype=torch.long, device=self.device)
+        self.lengths = torch.zeros(batch_rows, dtype=torch.long, device=self.device)
+        self.write_rows = torch.full((batch_rows,), self.cache.scratch_row, dtype=torch.long, device=self.device)
+
+    @staticmethod
+    def _layer(layer, release: bool) -> _Layer:
+        attn, mlp = layer.self_attention, layer.mlp
+        linears = [attn.query_key_value, attn.dense, mlp.dense_h_to_4h, mlp.dense_4h_to_h]
+        made = []
+        for module in linears:
+            made.append(make_linear(module.weight, module.bias))
+            if release and module.weight.device.type == "cpu":
+                module.weight = None  # one copy of the weights: the prepacked one the runner holds
+        return _Layer(layer.input_layernorm.weight, layer.input_layernorm.bias, *made)
 
     @property
-    def bytes_per_token(self) -> int:
-        return 2 * len(self.layers) * self.head_dim * self.keys.element_size()
+    def batch_rows(self) -> int:
+        return self.cache.batch_rows
 
-    def copy_row(self, src: int, dst: int, length: int) -> None:
-        """Give row `dst` the first `length` cached tokens of row `src` (n choices share a prompt)."""
-        self.keys[:, dst, :length] = self.keys[:, src, :length]
-        self.values[:, dst, :length] = self.values[:, src, :length]
+    @property
+    def keys(self) -> torch.Tensor:
+        return self.cache.keys
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self.cache.values
 
     @staticmethod
     def _mlp_and_residual(x: torch.Tensor, h: torch.Tensor, attn: torch.Tensor, w: _Layer) -> torch.Tensor:
         mlp = w.four_h_to_h(F.gelu(w.h_to_4h(h)))
         return (mlp + attn) + x
 
-    def decode(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """One new token for each of rows 0..B-1; `lengths` (B,) is each row's cached length (= the
-        token's position). Returns next-token logits (B, vocab)."""
-        logits, _ = self.forward(_DecodePlan(self, tokens, lengths), None)
+    def decode(self, count: int, width: int) -> torch.Tensor:
+        """One new token for each of rows 0..count-1 (from the decode buffers), attending over `width`
+        positions; returns next-token logits (count, vocab)."""
+        logits, _ = self.forward(_DecodePlan(self, count, width), None)
+        assert logits is not None
         return logits
 
     def prefill(self, rows: Seq[int], chunks: Seq[Seq[int]], offsets: Seq[int]) -> torch.Tensor:
@@ -149,13 +172,13 @@ class FalconRunner:
         Returns the logits after each chunk's last token (len(rows), vocab).
         """
         _, logits = self.forward(None, _PrefillPlan(self, rows, chunks, offsets))
+        assert logits is not None
         return logits
 
-    def decode_and_prefill(
-        self, tokens: torch.Tensor, lengths: torch.Tensor, rows: Seq[int], chunks: Seq[Seq[int]], offsets: Seq[int]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """A decode step of rows 0..B-1 and prompt chunks for other rows in one pass over the weights."""
-        dec, pre = self.forward(_DecodePlan(self, tokens, lengths), _PrefillPlan(self, rows, chunks, offsets))
+    def decode_and_prefill(self, count: int, width: int, rows: Seq[int], chunks: Seq[Seq[int]], offsets: Seq[int]
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A decode step of rows 0..count-1 and prompt chunks for other rows in one pass over the weights."""
+        dec, pre = self.forward(_DecodePlan(self, count, width), _PrefillPlan(self, rows, chunks, offsets))
         assert dec is not None and pre is not None
         return dec, pre
 
@@ -164,7 +187,7 @@ class FalconRunner:
         self, decode: _DecodePlan | None, prefill: _PrefillPlan | None
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The decoder over the tokens of both plans at once: linears and MLPs see all of them in one
-        matmul; attention runs per plan (decode: batched matmuls over the cache; prefill: SDPA)."""
+        matmul; attention runs per plan."""
         plans = [p for p in (decode, prefill) if p is not None]
         ids = torch.cat([p.ids for p in plans]) if len(plans) > 1 else plans[0].ids
         split = decode.count if decode is not None else 0
@@ -181,7 +204,7 @@ class FalconRunner:
         if decode is not None:
             picks.append(x[:split])
         if prefill is not None:
-            picks.append(x[split:][prefill.last_index])
+            picks.append(x[split:].index_select(0, prefill.last_index))
         last = torch.cat(picks) if len(picks) > 1 else picks[0]
         logits = self.lm_head(F.layer_norm(last, (self.hidden,), self.ln_f[0], self.ln_f[1], self.eps))
         if decode is None:
@@ -192,17 +215,20 @@ class FalconRunner:
 
 
 class _DecodePlan:
-    """One decode step of rows 0..B-1: positions and mask, shared by all layers."""
+    """One decode step of rows 0..count-1 from the runner's decode buffers: positions and mask, for all layers.
 
-    def __init__(self, runner: FalconRunner, tokens: torch.Tensor, lengths: torch.Tensor) -> None:
-        self.runner, self.lengths = runner, lengths
-        self.ids = tokens
-        self.count = batch = tokens.shape[0]
-        self.row_index = torch.arange(batch, device=runner.device)
-        self.width = width = int(lengths.max()) + 1
+    Built from device values only (no host read), so it can be part of a captured CUDA graph.
+    """
+
+    def __init__(self, runner: FalconRunner, count: int, width: int) -> None:
+        self.runner, self.count, self.width = runner, count, width
+        self.ids = runner.tokens[:count]
+        lengths = runner.lengths[:count]
+        self.lengths = lengths
+        self.rows = runner.write_rows[:count]
         self.cos, self.sin = runner.cos[lengths].unsqueeze(1), runner.sin[lengths].unsqueeze(1)  # (B, 1, D)
-        mask = torch.zeros(batch, 1, width, dtype=runner.dtype, device=runner.device)
-        self.mask = mask.masked_fill_(runner._positions[:width][None, None] > lengths[:, None, None], float("-inf"))
+        mask = torch.zeros(count, 1, 1, width, dtype=runner.dtype, device=runner.device)
+        self.mask = mask.masked_fill_(runner._positions[:width] > lengths[:, None, None, None], float("-inf"))
 
     def attend(self, layer: int, qkv: torch.Tensor) -> torch.Tensor:
         r, heads, batch = self.runner, self.runner.num_heads, self.count
@@ -210,41 +236,60 @@ class _DecodePlan:
         q, k, v = qkv[:, :heads], qkv[:, heads:heads + 1], qkv[:, heads + 1]
         q = q * self.cos + _rotate_half(q) * self.sin
         k = (k * self.cos + _rotate_half(k) * self.sin)[:, 0]
-        r.keys[layer, self.row_index, self.lengths] = k
-        r.values[layer, self.row_index, self.lengths] = v
-        keys, values = r.keys[layer, :batch, :self.width], r.values[layer, :batch, :self.width]  # views, no copy
-        scores = torch.baddbmm(self.mask, q, keys.transpose(1, 2), alpha=r.scale)  # (B, H, W)
-        return torch.bmm(scores.softmax(-1), values).reshape(batch, heads * r.head_dim)
+        r.keys[layer].index_put_((self.rows, self.lengths), k)
+        r.values[layer].index_put_((self.rows, self.lengths), v)
+        keys = r.keys[layer, :batch, : self.width].unsqueeze(1)  # (B, 1, W, D): views, no copy
+        values = r.values[layer, :batch, : self.width].unsqueeze(1)
+        # multi-query: every head attends to the one KV head, so the heads are the query rows of one head
+        out = F.scaled_dot_product_attention(q.unsqueeze(1), keys, values, attn_mask=self.mask, scale=r.scale)
+        return out.reshape(batch, heads * r.head_dim)
 
 
 class _PrefillPlan:
-    """Prompt chunks of some rows, right-padded to one width: positions, masks, where to write."""
+    """Prompt chunks of some rows, right-padded to one width: positions, masks, where to write.
+
+    Index lists are computed on the host and uploaded; nothing is read back.
+    """
 
     def __init__(self, runner: FalconRunner, rows: Seq[int], chunks: Seq[Seq[int]], offsets: Seq[int]) -> None:
         self.runner = runner
-        dev = runner.device
+        io = runner.io
         n, width_q = len(rows), max(len(c) for c in chunks)
         self.n, self.width_q = n, width_q
-        ids = torch.zeros(n, width_q, dtype=torch.long)
-        for i, chunk in enumerate(chunks):
-            ids[i, : len(chunk)] = torch.tensor(chunk, dtype=torch.long)
-        self.ids = ids.to(dev).reshape(-1)
         self.count = n * width_q
-        sizes = torch.tensor([len(c) for c in chunks], device=dev)
-        starts = torch.tensor(list(offsets), device=dev)
-        ends = starts + sizes
-        # padded query slots get the row's last real position: harmless, their outputs are never used
-        positions = torch.minimum(starts[:, None] + torch.arange(width_q, device=dev)[None], ends[:, None] - 1)
-        self.width_k = int(ends.max())
-        key_pos = runner._positions[: self.width_k]
-        allowed = (key_pos[None, None, :] <= positions[:, :, None]) & (key_pos[None, None, :] < ends[:, None, None])
-        self.allowed = allowed.unsqueeze(1)  # (n, 1, Sq, Sk)
-        self.row_index = torch.tensor(list(rows), device=dev)
-        self.valid = torch.arange(width_q, device=dev)[None] < sizes[:, None]  # real (not padding) query slots
-        self.write_rows = self.row_index[:, None].expand(n, width_q)[self.valid]
-        self.write_pos = positions[self.valid]
-        self.cos, self.sin = runner.cos[positions].unsqueeze(1), runner.sin[positions].unsqueeze(1)  # (n, 1, Sq, D)
-        self.last_index = torch.arange(n, device=dev) * width_q + sizes - 1  # each chunk's last token
+        sizes = [len(c) for c in chunks]
+        ends = [o + s for o, s in zip(offsets, sizes, strict=True)]
+        ids: list[int] = []
+        positions: list[int] = []
+        valid: list[int] = []  # flat indices of the real (not padding) query slots
+        write_rows: list[int] = []
+        write_pos: list[int] = []
+        for i, (row, chunk, start, end) in enumerate(zip(rows, chunks, offsets, ends, strict=True)):
+            pad = width_q - len(chunk)
+            ids += [*chunk, *([0] * pad)]
+            # padded query slots get the row's last real position: harmless, their outputs are never used
+            positions += [*range(start, end), *([end - 1] * pad)]
+            valid += range(i * width_q, i * width_q + len(chunk))
+            write_rows += [row] * len(chunk)
+            write_pos += range(start, end)
+        # fresh prompts (nothing cached before them) attend only to themselves: causal attention over the
+        # chunk's own keys, SDPA's fast path; otherwise over the cache with an explicit mask
+        self.fresh = all(o == 0 for o in offsets)
+        self.ids = io.upload(ids, torch.long)
+        pos = io.upload(positions, torch.long).view(n, width_q)
+        self.valid = io.upload(valid, torch.long)
+        self.write_rows = io.upload(write_rows, torch.long)
+        self.write_pos = io.upload(write_pos, torch.long)
+        self.last_index = io.upload([i * width_q + s - 1 for i, s in enumerate(sizes)], torch.long)
+        self.row_index = io.upload(list(rows), torch.long)
+        self.width_k = max(ends)
+        self.cos, self.sin = runner.cos[pos].unsqueeze(1), runner.sin[pos].unsqueeze(1)  # (n, 1, Sq, D)
+        self.allowed: torch.Tensor | None = None
+        if not self.fresh:
+            key_pos = runner._positions[: self.width_k]
+            ends_t = io.upload(ends, torch.long)
+            allowed = (key_pos[None, None, :] <= pos[:, :, None]) & (key_pos[None, None, :] < ends_t[:, None, None])
+            self.allowed = allowed.unsqueeze(1)  # (n, 1, Sq, Sk)
 
     def attend(self, layer: int, qkv: torch.Tensor) -> torch.Tensor:
         r, heads, n, width_q = self.runner, self.runner.num_heads, self.n, self.width_q
@@ -252,9 +297,15 @@ class _PrefillPlan:
         q, k, v = qkv[:, :heads], qkv[:, heads:heads + 1], qkv[:, heads + 1:]
         q = q * self.cos + _rotate_half(q) * self.sin
         k = k * self.cos + _rotate_half(k) * self.sin
-        r.keys[layer, self.write_rows, self.write_pos] = k[:, 0][self.valid]
-        r.values[layer, self.write_rows, self.write_pos] = v[:, 0][self.valid]
-        keys = r.keys[layer, self.row_index, : self.width_k].unsqueeze(1)
-        values = r.values[layer, self.row_index, : self.width_k].unsqueeze(1)
-        attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=self.allowed, enable_gqa=True)
+        flat_k = k[:, 0].reshape(n * width_q, r.head_dim).index_select(0, self.valid)
+        flat_v = v[:, 0].reshape(n * width_q, r.head_dim).index_select(0, self.valid)
+        r.keys[layer].index_put_((self.write_rows, self.write_pos), flat_k)
+        r.values[layer].index_put_((self.write_rows, self.write_pos), flat_v)
+        if self.fresh:
+            attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=r.scale, enable_gqa=True)
+        else:
+            keys = r.keys[layer, :, : self.width_k].index_select(0, self.row_index).unsqueeze(1)
+            values = r.values[layer, :, : self.width_k].index_select(0, self.row_index).unsqueeze(1)
+            attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=self.allowed, scale=r.scale,
+                                                  enable_gqa=True)
         return attn.transpose(1, 2).reshape(n * width_q, heads * r.head_dim)

@@ -1,10 +1,21 @@
-"""Which requests join the running batch next: a bounded waiting queue and admission by budget."""
+"""The plan of each engine step: which requests join the running batch, which prompt chunk is
+prefilled, whether the batch decodes. A bounded waiting queue, first come first served.
+
+Policy, one pass over the weights per step where possible:
+- New prompts (together at most `max_prefill_tokens`) are prefilled in the same pass as the
+  running batch's decode step.
+- A prompt longer than that is staged: prefilled a chunk of `max_prefill_tokens` per step in its
+  own pass, each followed by a decode step of the running batch, and joins the batch when whole.
+  Nothing else is admitted while a prompt is staged.
+- Every sequence reserves a whole context row of the KV cache, so admission counts rows.
+"""
 
 from __future__ import annotations
 
 import threading
 from collections import deque
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -20,7 +31,7 @@ class BatchLimits:
 
     max_batch_size: int  # sequences decoding together (n choices count each)
     max_batch_tokens: int  # KV-cache token budget; each sequence reserves a whole context of it
-    max_prefill_tokens: int  # prompt tokens prefilled in one step (one longer prompt may go alone)
+    max_prefill_tokens: int  # prompt tokens prefilled in one step (one longer prompt goes in chunks)
     max_queue_size: int  # requests waiting to be admitted
 
 
@@ -39,13 +50,41 @@ class BatchLoad:
     rows: int
 
 
+@dataclass(frozen=True)
+class PrefillChunk(Generic[T]):
+    """Tokens start..end of a staged request's prompt; `last` when the prompt is then complete."""
+
+    item: T
+    start: int
+    end: int
+    last: bool
+
+
+@dataclass
+class StepPlan(Generic[T]):
+    """What one engine step does."""
+
+    admitted: list[T] = field(default_factory=list)  # whole prompts prefilled this step (then they decode)
+    chunk: PrefillChunk[T] | None = None  # the next chunk of a staged long prompt, in its own pass
+    decode: bool = False  # the running batch decodes (with `admitted` in one pass)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.admitted or self.chunk or self.decode)
+
+
 class Scheduler(Generic[T]):
-    """First come, first served admission under `BatchLimits`; thread-safe waiting queue."""
+    """First come, first served admission under `BatchLimits`; thread-safe waiting queue.
+
+    `add` and `remove` may be called from any thread; `plan` only from the engine's.
+    """
 
     def __init__(self, limits: BatchLimits) -> None:
         self.limits = limits
         self._waiting: deque[tuple[T, Demand]] = deque()
         self._lock = threading.Lock()
+        self._staged: tuple[T, Demand] | None = None
+        self._staged_done = 0
 
     def add(self, item: T, demand: Demand) -> None:
         """Queue a request, or raise `QueueFullError` at once when the queue is at its bound."""
@@ -58,13 +97,24 @@ class Scheduler(Generic[T]):
     def num_waiting(self) -> int:
         return len(self._waiting)
 
-    def remove(self, predicate) -> list[T]:
-        """Take out the waiting requests for which `predicate(item)` holds (aborted before admission)."""
+    @property
+    def staged(self) -> T | None:
+        return self._staged[0] if self._staged else None
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._waiting) or self._staged is not None
+
+    def remove(self, predicate: Callable[[T], bool]) -> list[T]:
+        """Take out the waiting (or staged) requests for which `predicate(item)` holds."""
         with self._lock:
             gone = [item for item, _ in self._waiting if predicate(item)]
             if gone:
                 self._waiting = deque((i, d) for i, d in self._waiting if not predicate(i))
-            return gone
+        if self._staged is not None and predicate(self._staged[0]):
+            gone.append(self._staged[0])
+            self._staged = None
+        return gone
 
     def fits(self, load: BatchLoad, demands: list[Demand]) -> bool:
         """Whether the batch has a free KV-cache row for every sequence in `demands`."""
@@ -86,3 +136,30 @@ class Scheduler(Generic[T]):
                 chosen.append(demand)
                 items.append(item)
         return items
+
+    def plan(self, load: BatchLoad) -> StepPlan[T]:
+        """The next step, given the rows the running batch holds; assumes the step then runs."""
+        if self._staged is None:
+            with self._lock:
+                head = self._waiting[0] if self._waiting else None
+            if head is not None and head[1].prompt_len > self.limits.max_prefill_tokens:
+                if not self.fits(load, [head[1]]):
+                    return StepPlan(decode=load.rows > 0)
+                with self._lock:
+                    self._staged = self._waiting.popleft()
+                self._staged_done = 0
+            else:
+                return StepPlan(admitted=self.admit(load), decode=load.rows > 0)
+        item, demand = self._staged
+        start = self._staged_done
+        end = min(demand.prompt_len, start + self.limits.max_prefill_tokens)
+        self._staged_done = end
+        last = end == demand.prompt_len
+        if last:
+            self._staged = None
+        return StepPlan(chunk=PrefillChunk(item, start, end, last), decode=load.rows > 0)
+
+    def drop_staged(self) -> T | None:
+        """Forget the staged request (its step failed); returns it."""
+        item, self._staged = (self._staged[0] if self._staged else None), None
+        return item

@@ -3,6 +3,8 @@ computes, whatever the other rows hold, through staggered adds, removals and sha
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,18 +12,19 @@ import torch.nn.functional as F
 from falcon_service.engine.batch import RunningBatch
 from falcon_service.engine.falcon import FalconRunner, UnsupportedModelError, check_architecture, make_linear
 
-ATOL = 1e-4
+ATOL = 1e-4  # float32, on the CPU and on CUDA (without TF32)
+TEST_DEVICE = os.environ.get("FALCON_TEST_DEVICE", "cpu")  # see tests/conftest.py
 
 
 def reference_logits(model, tokens: list[int]) -> torch.Tensor:
     """transformers' next-token logits after `tokens`, computed alone."""
     with torch.inference_mode():
-        return model(torch.tensor([tokens])).logits[0, -1]
+        return model(torch.tensor([tokens], device=model.device)).logits[0, -1]
 
 
 @pytest.fixture
 def runner(tiny_model) -> FalconRunner:
-    return FalconRunner(tiny_model, rows=8, max_len=tiny_model.config.max_position_embeddings)
+    return FalconRunner(tiny_model, batch_rows=7, max_len=tiny_model.config.max_position_embeddings)
 
 
 @pytest.fixture
@@ -105,7 +108,7 @@ def test_n_choices_share_one_prefill(runner, tiny_model, texts):
 
 def test_batch_refuses_more_rows_than_the_cache_has(runner, texts):
     batch = RunningBatch(runner)
-    assert batch.capacity == runner.rows - 1  # the last row stages chunked prefills
+    assert batch.capacity == runner.batch_rows == 7  # the staging and scratch rows come after them
     batch.add([texts[0]], [7])
     with pytest.raises(RuntimeError, match="full"):
         batch.add([texts[1]], [1])
@@ -169,5 +172,5 @@ def test_decoding_and_prefilling_in_one_pass_equals_each_alone(runner, tiny_mode
 
 def test_a_new_cache_holds_no_garbage(tiny_model):
     # attention multiplies masked slots by 0; 0 * NaN from uninitialised memory would poison whole rows
-    runner = FalconRunner(tiny_model, rows=4, max_len=64)
+    runner = FalconRunner(tiny_model, batch_rows=4, max_len=64)
     assert not runner.keys.any() and not runner.values.any()

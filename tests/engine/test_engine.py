@@ -118,7 +118,8 @@ async def test_greedy_matches_generate(make_engine, tiny_model, tiny_tokenizer, 
     expected, expected_logprobs = [], []
     for prompt in prompts:
         out = tiny_model.generate(
-            torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            torch.tensor([prompt], device=tiny_model.device),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long, device=tiny_model.device),
             max_new_tokens=max_new, do_sample=False, pad_token_id=tiny_tokenizer.eos_token_id,
             output_logits=True, return_dict_in_generate=True,
         )
@@ -418,8 +419,10 @@ async def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(make_en
     engine = make_engine(controlled_model, limits)
     long_prompt = tiny_tokenizer.encode(" ".join(TEXTS) * 2, add_special_tokens=False)
     assert len(long_prompt) > 4 * chunk
-    expected = tiny_model.generate(torch.tensor([long_prompt]), attention_mask=torch.ones(1, len(long_prompt),
-                                   dtype=torch.long), max_new_tokens=6, do_sample=False)[0, len(long_prompt):]
+    expected = tiny_model.generate(torch.tensor([long_prompt], device=tiny_model.device),
+                                   attention_mask=torch.ones(1, len(long_prompt), dtype=torch.long,
+                                                             device=tiny_model.device),
+                                   max_new_tokens=6, do_sample=False)[0, len(long_prompt):]
 
     decoding = engine.submit(GenerationRequest(tuple(prompts[1]), greedy(200, ignore_eos=True)))
     it = aiter(decoding)
@@ -441,12 +444,14 @@ async def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(make_en
 
 
 def test_default_kv_budget_comes_from_free_memory(tiny_model, monkeypatch):
-    from falcon_service.engine import engine as engine_module
+    from falcon_service.engine import kv_cache
 
-    per_token = engine_module.kv_bytes_per_token(tiny_model)
+    config, cpu = tiny_model.config, torch.device("cpu")
+    per_token = kv_cache.kv_bytes_per_token(config, torch.float32)
     assert per_token == 2 * 2 * 1 * 64 * 4  # K and V, 2 layers, one KV head (multi-query), head_dim 64, fp32
-    monkeypatch.setattr(engine_module, "_available_host_memory", lambda: 1000 * 2048 * per_token)
+    assert kv_cache.kv_bytes_per_token(config, torch.bfloat16) == per_token // 2
+    monkeypatch.setattr(kv_cache, "available_host_memory", lambda: 1000 * 2048 * per_token)
     # half of free memory holds 500 full contexts: capped by the row limit, floored at one context
-    assert engine_module.default_kv_budget(tiny_model, 0.5, max_rows=64, max_len=2048) == 64 * 2048
-    assert engine_module.default_kv_budget(tiny_model, 0.5, max_rows=1000, max_len=2048) == 500 * 2048
-    assert engine_module.default_kv_budget(tiny_model, 1e-9, max_rows=64, max_len=2048) == 2048
+    assert kv_cache.default_kv_budget(config, torch.float32, cpu, 0.5, max_rows=64, max_len=2048) == 64 * 2048
+    assert kv_cache.default_kv_budget(config, torch.float32, cpu, 0.5, max_rows=1000, max_len=2048) == 500 * 2048
+    assert kv_cache.default_kv_budget(config, torch.float32, cpu, 1e-9, max_rows=64, max_len=2048) == 2048
