@@ -5,6 +5,7 @@
     python import_model.py --from-dir ./falcon      # a local checkpoint directory
     python import_model.py --tiny                   # random weights, no download (tests, development)
     python import_model.py --preset small --seed 1
+    python import_model.py --preset 7b              # random weights of Falcon-7B's exact shape (GPU checks)
 
 Only what serving needs is stored: config, generation config, tokenizer files and one weight
 format (safetensors when there is any); never remote-code `*.py` files, since transformers
@@ -34,6 +35,7 @@ from falcon_service.checkpoints import (
     PRESETS,
     RANDOM_MARKER,
     build_random_checkpoint,
+    default_build_device,
     random_checkpoint_revision,
 )
 
@@ -140,6 +142,15 @@ def _store_kwargs(bentoml_home: str | Path | None) -> dict[str, Any]:
     return {"_model_store": ModelStore(models_dir)}
 
 
+def _home(bentoml_home: str | Path | None) -> Path:
+    """The BentoML home whose store is meant: `bentoml_home`, else BENTOML_HOME's (default ~/bentoml)."""
+    if bentoml_home is not None:
+        return Path(bentoml_home)
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    return Path(BentoMLContainer.bentoml_home.get())
+
+
 def list_models(name: str, bentoml_home: str | Path | None = None) -> list[bentoml.Model]:
     """Every stored version of model `name` (none if the name is unknown)."""
     try:
@@ -233,26 +244,34 @@ def import_random(
     name: str | None = None,
     seed: int = 0,
     *,
+    device: str | None = None,
     bentoml_home: str | Path | None = None,
 ) -> bentoml.Tag:
-    """Build (unless already stored) and import a random-weight Falcon checkpoint of `preset`."""
+    """Build (unless already stored) and import a random-weight Falcon checkpoint of `preset`.
+
+    The weights are drawn on `device` (default: the GPU when there is one); the build goes through
+    a folder inside the model store's own file system, so the files are hard-linked, not copied.
+    """
     if preset not in PRESETS:
         raise CheckpointError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
     name = name or random_model_name(preset)
-    revision = random_checkpoint_revision(preset, seed)
+    device = device or default_build_device()
+    revision = random_checkpoint_revision(preset, seed, device)
     existing = find_existing(name, revision, bentoml_home)
     if existing is not None:
         _note(f"{existing} already exists (random preset {preset}, seed {seed}); not building again")
         return existing
-    with tempfile.TemporaryDirectory(prefix=f"falcon-{preset}-") as tmp:
-        build_random_checkpoint(tmp, preset=preset, seed=seed)
+    home = _home(bentoml_home)
+    home.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f"falcon-{preset}-", dir=home) as tmp:
+        build_random_checkpoint(tmp, preset=preset, seed=seed, device=device)
         return import_checkpoint(
             tmp,
             name,
             source=f"random:{preset}",
             revision=revision,
             random_weights=True,
-            metadata={"preset": preset, "seed": seed},
+            metadata={"preset": preset, "seed": seed, "device": device},
             bentoml_home=bentoml_home,
         )
 
@@ -323,6 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--revision", help=f"Hub branch, tag or commit (default {DEFAULT_REVISION})")
     parser.add_argument("--download-dir", help="download the Hub files here instead of the HF cache")
     parser.add_argument("--seed", type=int, help="seed of a random preset (default 0)")
+    parser.add_argument("--device", choices=["cuda", "cpu"],
+                        help="where a random preset's weights are drawn (default: cuda when present)")
     parser.add_argument(
         "--name",
         help=f"model name in the store (default {DEFAULT_NAME}; {random_model_name('<preset>')} "
@@ -339,11 +360,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     local = preset is not None or args.from_dir is not None
     if local and (args.model_id or args.revision or args.download_dir):
         parser.error("--model-id, --revision and --download-dir are for Hub downloads only")
-    if args.seed is not None and preset is None:
-        parser.error("--seed is for --tiny / --preset only")
+    if (args.seed is not None or args.device is not None) and preset is None:
+        parser.error("--seed and --device are for --tiny / --preset only")
     try:
         if preset is not None:
-            tag = import_random(preset, args.name, args.seed or 0)
+            tag = import_random(preset, args.name, args.seed or 0, device=args.device)
         elif args.from_dir is not None:
             tag = import_from_dir(args.from_dir, args.name or DEFAULT_NAME)
         else:

@@ -17,7 +17,8 @@ class Settings(BaseModel):
     served_model_name: str | None = Field(None, description="model id clients send; default: the tag's name")
     device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto: CUDA when present, else CPU")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
-        "auto", description="auto: bfloat16 on CUDA, float32 on CPU"
+        "auto", description="auto: bfloat16 on CUDA; on CPU the checkpoint's own dtype, but float32 where the CPU "
+        "lacks fast bf16 matmuls and float32 fits"
     )
     max_batch_size: int = Field(64, ge=1, description="sequences decoding together (each of n choices counts)")
     max_batch_tokens: int | None = Field(
@@ -26,6 +27,7 @@ class Settings(BaseModel):
     kv_cache_memory_fraction: float = Field(
         0.5, gt=0, le=0.95, description="share of free memory the default KV-cache budget may use"
     )
+    cuda_graphs: bool = Field(True, description="replay decode steps as CUDA graphs (GPU only)")
     torch_threads: int | None = Field(
         None, ge=1, description="CPU threads of the engine's torch work; default: all cores the process may use"
     )
@@ -53,8 +55,3 @@ class Settings(BaseModel):
 
     def torch_device(self, cuda_available: bool) -> str:
         return ("cuda" if cuda_available else "cpu") if self.device == "auto" else self.device
-
-    def torch_dtype_name(self, device: str) -> str:
-        if self.dtype != "auto":
-            return self.dtype
-        return "bfloat16" if device == "cuda" else "float32"

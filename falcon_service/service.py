@@ -95,24 +95,43 @@ class FalconService:
 
     def _load(self) -> None:
         try:
+            import time
+            from functools import partial
+
             import torch
-            from transformers import AutoModelForCausalLM, AutoTokenizer
+            from transformers import AutoConfig
 
             from .engine.engine import Engine
+            from .engine.falcon import FalconRunner, check_architecture
             from .engine.kv_cache import default_kv_budget
+            from .engine.loader import (
+                checkpoint_dtype,
+                choose_dtype,
+                cpu_has_fast_bf16,
+                estimate_memory,
+                load_model,
+            )
             from .engine.scheduler import BatchLimits
             from .metrics import ServiceMetrics
 
+            started = time.perf_counter()
             path = self.model_ref.path
             labels = self.model_ref.info.labels
             if labels.get("random_weights") == "true":
                 log.warning("serving %s: RANDOM WEIGHTS, for trying the plumbing only; its text is noise",
                             self.model_ref.tag)
+            config = AutoConfig.from_pretrained(path)
+            check_architecture(config)
             device = SETTINGS.torch_device(torch.cuda.is_available())
-            dtype = getattr(torch, SETTINGS.torch_dtype_name(device))
-            tokenizer = AutoTokenizer.from_pretrained(path)
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
-            max_len = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
+            max_len = int(getattr(config, "max_position_embeddings", 2048) or 2048)
+            # before reading any weight: will they and the smallest KV cache fit? (else fail now, saying why)
+            kv_tokens = SETTINGS.max_batch_tokens or max_len
+            float32_fits = estimate_memory(path, config, device, torch.float32, kv_tokens).fits
+            dtype = choose_dtype(SETTINGS.dtype, device, checkpoint_dtype(path), cpu_has_fast_bf16(), float32_fits)
+            estimate = estimate_memory(path, config, device, dtype, kv_tokens)
+            log.info("model %s needs %s", self.model_ref.tag, estimate.describe())
+            estimate.check()
+            model, tokenizer = load_model(path, device, dtype)
             budget = SETTINGS.max_batch_tokens or default_kv_budget(
                 model.config, model.dtype, model.device, SETTINGS.kv_cache_memory_fraction, SETTINGS.max_batch_size,
                 max_len,
@@ -120,9 +139,12 @@ class FalconService:
             limits = BatchLimits(SETTINGS.max_batch_size, budget, SETTINGS.max_prefill_tokens, SETTINGS.max_queue_size)
             threads = SETTINGS.torch_threads or len(os.sched_getaffinity(0))
             self.engine = Engine(model, tokenizer, limits, observer=ServiceMetrics(SETTINGS.model_name),
-                                 threads=threads if device == "cpu" else None)
+                                 runner_factory=partial(FalconRunner, release_weights=True),
+                                 threads=threads if device == "cpu" else None,
+                                 cuda_graphs=SETTINGS.cuda_graphs and device == "cuda")
             serving.attach(self.engine)
-            log.info("model %s ready on %s (%s); KV budget %d tokens", self.model_ref.tag, device, dtype, budget)
+            log.info("model %s ready on %s (%s) in %.1f s; KV budget %d tokens", self.model_ref.tag, device,
+                     str(dtype).removeprefix("torch."), time.perf_counter() - started, budget)
         except BaseException as exc:  # reported by __is_alive__ so that the orchestrator restarts us
             log.exception("loading the model failed")
             self.load_error = exc

@@ -25,9 +25,8 @@ def test_device_and_dtype_defaults() -> None:
     s = Settings.from_env({})
     assert s.torch_device(cuda_available=True) == "cuda"
     assert s.torch_device(cuda_available=False) == "cpu"
-    assert s.torch_dtype_name("cuda") == "bfloat16"
-    assert s.torch_dtype_name("cpu") == "float32"
-    assert Settings.from_env({"FALCON_DTYPE": "float16"}).torch_dtype_name("cuda") == "float16"
+    assert s.dtype == "auto" and s.cuda_graphs is True
+    assert Settings.from_env({"FALCON_DTYPE": "float16"}).dtype == "float16"
 
 
 @pytest.mark.parametrize("var,value", [("FALCON_MAX_BATCH_SIZE", "0"), ("FALCON_DEVICE", "tpu"),

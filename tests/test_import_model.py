@@ -270,3 +270,32 @@ def test_hub_refuses_a_non_falcon_repo_before_downloading(
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
     with pytest.raises(im.CheckpointError, match="model_type 'llama'"):
         im.import_from_hub("meta-llama/Llama-2-7b-hf", bentoml_home=tmp_path)
+
+
+def test_7b_preset_is_falcon_7b_exactly() -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from falcon_service.checkpoints import PRESETS, falcon_config
+
+    shape = PRESETS["7b"]
+    assert (shape.hidden_size, shape.num_hidden_layers, shape.num_attention_heads) == (4544, 32, 71)
+    assert (shape.vocab_size, shape.max_position_embeddings, shape.dtype) == (65024, 2048, "bfloat16")
+    with torch.device("meta"):  # shapes only: no memory
+        model = AutoModelForCausalLM.from_config(falcon_config(shape, eos_token_id=11), dtype=torch.bfloat16)
+    assert sum(p.numel() for p in model.parameters()) == 6_921_720_704  # tiiuae/falcon-7b-instruct's count
+    assert model.dtype == torch.bfloat16
+
+
+def test_a_falcon_7b_sized_tokenizer_decodes_every_id_to_text() -> None:
+    from falcon_service.checkpoints import train_tokenizer
+
+    tokenizer = train_tokenizer(65024)
+    assert len(tokenizer) == 65024
+    texts = tokenizer.batch_decode([[i] for i in range(65024)])
+    assert all(texts), [i for i, t in enumerate(texts) if not t][:10]
+
+
+def test_random_weights_on_another_device_are_another_revision() -> None:
+    assert random_checkpoint_revision("tiny", 0, "cuda") != random_checkpoint_revision("tiny", 0, "cpu")
+    assert random_checkpoint_revision("tiny", 0) == random_checkpoint_revision("tiny", 0, "cpu")

@@ -21,14 +21,19 @@ SCRIPT = textwrap.dedent(
 
     release = threading.Event()
     real = transformers.AutoModelForCausalLM.from_pretrained
+    loads = []
 
     def slow_from_pretrained(*args, **kwargs):  # stands in for minutes of loading 14 GB of weights
+        loads.append(args)
         assert release.wait(30)
         if FAIL:
             raise RuntimeError("weights are corrupt")
         return real(*args, **kwargs)
 
     transformers.AutoModelForCausalLM.from_pretrained = slow_from_pretrained
+    if NO_MEMORY:  # a machine with 64 MiB free: the tiny model's weights alone would not fit with its KV cache
+        import falcon_service.engine.kv_cache as kv_cache
+        kv_cache.available_host_memory = lambda: 64 * 2**20
     from falcon_service import service
 
     async def health():
@@ -46,6 +51,8 @@ SCRIPT = textwrap.dedent(
             break
         time.sleep(0.05)
     print("after", svc.__is_ready__(), svc.__is_alive__(), asyncio.run(health()))
+    print("weights_read", len(loads))
+    print("error", type(svc.load_error).__name__, str(svc.load_error))
     """
 )
 
@@ -59,12 +66,12 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     return home, import_random("tiny", bentoml_home=home).name
 
 
-def run(store: tuple[Path, str], fail: bool) -> dict[str, list[str]]:
+def run(store: tuple[Path, str], fail: bool, no_memory: bool = False) -> dict[str, list[str]]:
     home, name = store
     env = {k: v for k, v in os.environ.items() if not k.startswith("FALCON_")}
     env.update(BENTOML_HOME=str(home), FALCON_MODEL=name, PYTHONPATH=str(REPO))
-    out = subprocess.run([sys.executable, "-c", f"FAIL = {fail}\n" + SCRIPT], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=180)
+    code = f"FAIL = {fail}\nNO_MEMORY = {no_memory}\n" + SCRIPT
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr[-3000:]
     return {line.split()[0]: line.split()[1:] for line in out.stdout.splitlines() if line.strip()}
 
@@ -80,3 +87,12 @@ def test_failed_load_marks_service_dead(store) -> None:
     lines = run(store, fail=True)
     assert lines["loading"] == ["False", "True", "503"]
     assert lines["after"] == ["False", "False", "503"]
+
+
+def test_a_model_that_does_not_fit_fails_at_once_saying_what_to_change(store) -> None:
+    lines = run(store, fail=False, no_memory=True)
+    assert lines["after"] == ["False", "False", "503"]
+    assert lines["weights_read"] == ["0"], "the weights were read although they could not fit"
+    name, message = lines["error"][0], " ".join(lines["error"][1:])
+    assert name == "InsufficientMemoryError"
+    assert "0.1 GiB is free" in message and "FALCON_MAX_BATCH_TOKENS" in message, message

@@ -174,3 +174,36 @@ def test_a_new_cache_holds_no_garbage(tiny_model):
     # attention multiplies masked slots by 0; 0 * NaN from uninitialised memory would poison whole rows
     runner = FalconRunner(tiny_model, batch_rows=4, max_len=64)
     assert not runner.keys.any() and not runner.values.any()
+
+
+def test_a_padded_decode_step_equals_the_exact_one_and_writes_no_other_row(runner, texts):
+    """What a CUDA graph of a bucket replays: more rows than the batch holds and a wider attention window."""
+    batch = RunningBatch(runner)
+    batch.add(texts[:3], [1, 1, 1])
+    batch.set_tokens(0, [5, 6, 7])
+    width = max(batch.lengths) + 1
+    exact = runner.decode(3, width).clone()
+    keys, values = runner.keys.clone(), runner.values.clone()
+    padded = runner.decode(6, 128)  # rows 3..5 are padding; positions up to 128 are masked
+    torch.testing.assert_close(padded[:3], exact, atol=ATOL, rtol=0)
+    # the batch's rows got the same keys and values again (up to rounding: a 6-row matmul); the free
+    # rows and the staging row were not written at all: padding writes go to the scratch row
+    torch.testing.assert_close(runner.keys[:, :3], keys[:, :3], atol=1e-5, rtol=0)
+    untouched = [row for row in range(3, runner.cache.rows) if row != runner.cache.scratch_row]
+    assert torch.equal(runner.keys[:, untouched], keys[:, untouched])
+    assert torch.equal(runner.values[:, untouched], values[:, untouched])
+    assert not torch.equal(runner.keys[:, runner.cache.scratch_row], keys[:, runner.cache.scratch_row])
+
+
+def test_decode_graph_buckets_cover_every_batch_size_and_width():
+    from falcon_service.engine.cuda_graphs import batch_buckets, bucket, width_buckets
+
+    assert batch_buckets(64) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64]
+    assert batch_buckets(3) == [1, 2, 3] and batch_buckets(1) == [1] and batch_buckets(12) == [1, 2, 4, 8, 12]
+    assert width_buckets(2048) == [128, 256, 512, 1024, 2048] and width_buckets(100) == [100]
+    sizes, widths = batch_buckets(37), width_buckets(2048)
+    for rows in range(1, 38):
+        chosen = bucket(rows, sizes)
+        assert chosen is not None and rows <= chosen <= 37 and chosen - rows < 8
+    assert [bucket(w, widths) for w in (1, 128, 129, 1500, 2048)] == [128, 128, 256, 2048, 2048]
+    assert bucket(2049, widths) is None

@@ -74,19 +74,23 @@ def greedy(max_tokens: int, **kw) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=0.0, **kw)
 
 
-@pytest.fixture
-def make_engine(tiny_tokenizer):
-    """Build engines on a model (the tiny one by default); all are shut down after the test."""
-    engines: list[Engine] = []
+@pytest.fixture(params=[False, True], ids=["sync", "overlap"])
+def make_engine(request, tiny_tokenizer):
+    """Build engines on a model (the tiny one by default); all are shut down after the test.
 
+    Every engine test runs twice: reading each step's tokens back before the next step (the CPU's
+    default), and while the next step runs (a GPU's default), which must not change any result.
+    """
+    engines: list[Engine] = []
+    overlap: bool = request.param
     controlled: list = []  # ControlledModel fixtures (tests/conftest.py)
 
     def make(model, limits: BatchLimits = ROOMY) -> Engine:
         if hasattr(model, "runner_factory"):  # a ControlledModel
             controlled.append(model)
-            engine = Engine(model.inner, tiny_tokenizer, limits, runner_factory=model.runner_factory)
+            engine = Engine(model.inner, tiny_tokenizer, limits, runner_factory=model.runner_factory, overlap=overlap)
         else:
-            engine = Engine(model, tiny_tokenizer, limits)
+            engine = Engine(model, tiny_tokenizer, limits, overlap=overlap)
         engines.append(engine)
         return engine
 
@@ -204,6 +208,48 @@ async def test_seeded_sampling_does_not_depend_on_the_batch(make_engine, control
     results = await pending
     assert max(decode_rows(controlled_model)) >= 9
     assert results[4][0].tokens == alone
+
+
+# ---------- overlap of host and device work ----------
+
+
+async def test_overlapped_steps_deliver_a_step_while_the_next_one_runs(tiny_model, tiny_tokenizer, prompts):
+    import threading
+
+    from falcon_service.engine.falcon import FalconRunner
+
+    second_pass_started, release = threading.Event(), threading.Event()
+    passes = []
+
+    class HeldRunner(FalconRunner):  # holds the second forward pass until the test releases it
+        def forward(self, decode, prefill):
+            passes.append(decode is not None)
+            if len(passes) == 2:
+                second_pass_started.set()
+                release.wait(30)
+            return super().forward(decode, prefill)
+
+    engine = Engine(tiny_model, tiny_tokenizer, ROOMY, runner_factory=HeldRunner, overlap=True)
+    try:
+        stream = aiter(engine.submit(GenerationRequest(tuple(prompts[1]), greedy(4, ignore_eos=True))))
+        first = asyncio.ensure_future(anext(stream))
+        assert await asyncio.to_thread(second_pass_started.wait, STREAM_TIMEOUT)
+        # the prefill's token is read back only after the next step was launched: while that step is
+        # held, the client has nothing (a step-by-step engine would have delivered it before it began)
+        await asyncio.sleep(0.3)
+        assert not first.done()
+        release.set()
+        events = [await asyncio.wait_for(first, STREAM_TIMEOUT)] + await collect_events(stream)
+        assert [len(e.token_ids) for e in events] == [1, 1, 1, 1] and events[-1].finish_reason == "length"
+        assert len(passes) == 4, "no forward pass past the last token: it ends by length, known in advance"
+    finally:
+        release.set()
+        engine.shutdown()
+
+
+async def collect_events(stream) -> list[ChoiceEvent]:
+    async with asyncio.timeout(STREAM_TIMEOUT):
+        return [event async for event in stream]
 
 
 # ---------- n choices ----------

@@ -1,0 +1,151 @@
+"""Loading a checkpoint onto its device: the dtype, a memory check before anything is read, the load itself.
+
+The memory check exists because the alternative is bad: a Falcon-7B checkpoint loaded as float32
+on a 24 GB CPU machine (27.7 GB of weights) froze the whole machine for 25 minutes, no error.
+Parameter counts come from the safetensors headers (a few KB read), so the check costs nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .kv_cache import available_memory, kv_bytes_per_token
+
+log = logging.getLogger(__name__)
+
+GIB = 2**30
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SAFETENSORS_DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+class InsufficientMemoryError(RuntimeError):
+    """The model and its KV cache would not fit in the device's free memory."""
+
+
+def checkpoint_dtype(path: str | Path) -> str | None:
+    """The dtype the checkpoint's config declares (`dtype`, or the older `torch_dtype`)."""
+    config = json.loads((Path(path) / "config.json").read_text())
+    value = config.get("dtype") or config.get("torch_dtype")
+    return value if value in DTYPES else None
+
+
+def checkpoint_parameters(path: str | Path) -> int:
+    """Number of stored parameters, from the safetensors headers (or, for .bin weights, file sizes)."""
+    path = Path(path)
+    files = sorted(path.glob("*.safetensors"))
+    if files:
+        total = 0
+        for file in files:
+            with file.open("rb") as f:
+                (size,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(size))
+            for name, entry in header.items():
+                if name != "__metadata__":
+                    count = 1
+                    for dim in entry["shape"]:
+                        count *= dim
+                    total += count
+        return total
+    stored = DTYPES.get(checkpoint_dtype(path) or "float32", torch.float32).itemsize
+    return sum(f.stat().st_size for f in path.glob("pytorch_model*.bin")) // stored
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (AVX512-BF16 or AMX), as oneDNN then does."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def choose_dtype(setting: str, device: str, stored: str | None, fast_bf16: bool, float32_fits: bool) -> torch.dtype:
+    """The dtype to serve in. `auto`: bfloat16 on CUDA; on the CPU the checkpoint's own dtype (bfloat16
+    for Falcon-7B), except float32 when the CPU lacks fast bf16 matmuls and float32 fits in memory."""
+    if setting != "auto":
+        return DTYPES[setting]
+    if device == "cuda":
+        return torch.bfloat16
+    if stored in (None, "float32"):
+        return torch.float32
+    if fast_bf16 or not float32_fits:
+        return torch.bfloat16
+    return torch.float32
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """What serving a checkpoint needs on a device, against what the device has free."""
+
+    device: str
+    dtype: torch.dtype
+    weight_bytes: int
+    kv_bytes: int
+    kv_tokens: int
+    overhead_bytes: int
+    available_bytes: int
+
+    @property
+    def needed_bytes(self) -> int:
+        return self.weight_bytes + self.kv_bytes + self.overhead_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.needed_bytes <= self.available_bytes
+
+    def describe(self) -> str:
+        dtype = str(self.dtype).removeprefix("torch.")
+        return (f"about {self.needed_bytes / GIB:.1f} GiB on {self.device} (weights {self.weight_bytes / GIB:.1f} GiB "
+                f"in {dtype}, KV cache {self.kv_bytes / GIB:.1f} GiB for {self.kv_tokens} tokens, working memory "
+                f"{self.overhead_bytes / GIB:.1f} GiB); {self.available_bytes / GIB:.1f} GiB is free")
+
+    def check(self) -> None:
+        """Raise `InsufficientMemoryError`, naming the settings that help, when it does not fit."""
+        if self.fits:
+            return
+        hints = []
+        if self.dtype == torch.float32:
+            hints.append("FALCON_DTYPE=bfloat16 halves the weights")
+        hints.append(f"a smaller FALCON_MAX_BATCH_TOKENS (now {self.kv_tokens}) shrinks the KV cache")
+        if self.device == "cpu":
+            hints.append("on a machine with a GPU, FALCON_DEVICE=auto serves from it")
+        raise InsufficientMemoryError(f"not loading the model: it needs {self.describe()}. " + "; ".join(hints) + ".")
+
+
+def estimate_memory(path: str | Path, config, device: str, dtype: torch.dtype, kv_tokens: int,
+                    available: int | None = None) -> MemoryEstimate:
+    """Weights in `dtype`, a KV cache of `kv_tokens` (plus the staging and scratch rows), and working memory.
+
+    On the CPU the linears are prepacked and their originals dropped (held once), but the output
+    projection shares its weights with the embedding, so its packed copy comes on top.
+    """
+    weight_bytes = checkpoint_parameters(path) * dtype.itemsize
+    if device == "cpu":
+        weight_bytes += config.vocab_size * config.hidden_size * dtype.itemsize
+    max_len = int(getattr(config, "max_position_embeddings", 2048) or 2048)
+    kv_bytes = (kv_tokens + 2 * max_len) * kv_bytes_per_token(config, dtype)
+    # activations of the largest step and the logits: a few hundred MiB for Falcon-7B at 64 rows
+    overhead = GIB // 2 + weight_bytes // 20
+    if available is None:
+        available = available_memory(torch.device(device))
+    return MemoryEstimate(device, dtype, weight_bytes, kv_bytes, kv_tokens, overhead, available)
+
+
+def load_model(path: str | Path, device: str, dtype: torch.dtype):
+    """The model straight onto `device` (a device map: no full host copy on the way to a GPU) and its
+    tokenizer; logs how long it took."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    start = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device).eval()
+    log.info("loaded %s as %s on %s in %.1f s", path, str(dtype).removeprefix("torch."), device,
+             time.perf_counter() - start)
+    return model, tokenizer

@@ -1,0 +1,112 @@
+"""Loading: the serving dtype, the memory check made before any weight is read, weights held once on CPU."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from falcon_service.checkpoints import PRESETS, falcon_config
+from falcon_service.engine.falcon import FalconRunner
+from falcon_service.engine.loader import (
+    InsufficientMemoryError,
+    checkpoint_parameters,
+    choose_dtype,
+    estimate_memory,
+    load_model,
+)
+
+GIB = 2**30
+# Falcon-7B's tensors (tiiuae/falcon-7b-instruct): embedding 65024 x 4544, 32 layers, lm_head tied
+FALCON_7B = {
+    "transformer.word_embeddings.weight": [65024, 4544],
+    "transformer.ln_f.weight": [4544], "transformer.ln_f.bias": [4544],
+    **{f"transformer.h.{i}.{name}": shape for i in range(32) for name, shape in {
+        "input_layernorm.weight": [4544], "input_layernorm.bias": [4544],
+        "self_attention.query_key_value.weight": [4672, 4544], "self_attention.dense.weight": [4544, 4544],
+        "mlp.dense_h_to_4h.weight": [18176, 4544], "mlp.dense_4h_to_h.weight": [4544, 18176],
+    }.items()},
+}
+
+
+@pytest.fixture
+def falcon_7b_headers(tmp_path: Path) -> Path:
+    """A Falcon-7B checkpoint directory whose weight file holds only its safetensors header (no data)."""
+    config = falcon_config(PRESETS["7b"], eos_token_id=11)
+    config.save_pretrained(tmp_path)
+    header, offset = {}, 0
+    for name, shape in FALCON_7B.items():
+        size = 2 * int(torch.tensor(shape).prod())
+        header[name] = {"dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header).encode()
+    (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw)
+    return tmp_path
+
+
+def test_parameters_are_counted_from_the_safetensors_headers(tiny_checkpoint, tiny_model, falcon_7b_headers):
+    assert checkpoint_parameters(tiny_checkpoint) == sum(p.numel() for p in tiny_model.parameters())
+    assert checkpoint_parameters(falcon_7b_headers) == 6_921_720_704  # Falcon-7B
+
+
+@pytest.mark.parametrize("setting,device,stored,fast_bf16,fp32_fits,expected", [
+    ("auto", "cuda", "bfloat16", False, True, torch.bfloat16),
+    ("auto", "cuda", "float32", False, True, torch.bfloat16),
+    ("auto", "cpu", "float32", True, True, torch.float32),  # the random test checkpoints
+    ("auto", "cpu", "bfloat16", True, True, torch.bfloat16),  # Falcon-7B on a CPU with AVX512-BF16 / AMX
+    ("auto", "cpu", "bfloat16", False, True, torch.float32),  # no fast bf16 matmuls, and float32 fits
+    ("auto", "cpu", "bfloat16", False, False, torch.bfloat16),  # slow, but float32 would not fit
+    ("auto", "cpu", None, False, True, torch.float32),
+    ("float16", "cuda", "bfloat16", True, True, torch.float16),
+    ("float32", "cpu", "bfloat16", True, False, torch.float32),  # asked for: the memory check decides
+])
+def test_serving_dtype(setting, device, stored, fast_bf16, fp32_fits, expected):
+    assert choose_dtype(setting, device, stored, fast_bf16, fp32_fits) == expected
+
+
+def test_falcon_7b_as_float32_on_a_24_gib_machine_is_refused_before_loading(falcon_7b_headers):
+    config = json.loads((falcon_7b_headers / "config.json").read_text())
+    from transformers import FalconConfig
+
+    config = FalconConfig(**config)
+    fp32 = estimate_memory(falcon_7b_headers, config, "cpu", torch.float32, 2048, available=24 * GIB)
+    assert 27.6e9 < fp32.weight_bytes < 29e9  # 27.7 GB of weights, + the packed output projection
+    assert not fp32.fits
+    with pytest.raises(InsufficientMemoryError) as err:
+        fp32.check()
+    message = str(err.value)
+    assert "FALCON_DTYPE=bfloat16" in message and "FALCON_MAX_BATCH_TOKENS" in message
+    assert "24.0 GiB is free" in message and "float32" in message
+
+    bf16 = estimate_memory(falcon_7b_headers, config, "cpu", torch.bfloat16, 2048, available=24 * GIB)
+    assert bf16.fits and bf16.needed_bytes < 17 * GIB
+    bf16.check()
+    # a KV budget too large for what is left is refused too, naming the setting
+    huge = estimate_memory(falcon_7b_headers, config, "cuda", torch.bfloat16, 2048 * 5000, available=78 * GIB)
+    with pytest.raises(InsufficientMemoryError, match="FALCON_MAX_BATCH_TOKENS \\(now 10240000\\)"):
+        huge.check()
+
+
+def test_prepacked_weights_replace_the_originals(tiny_checkpoint, tiny_model, device):
+    if device != "cpu":
+        pytest.skip("prepacking is the CPU's (oneDNN); on a GPU the weights are used as they are")
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32).eval()  # its own copy
+    prompt = [5, 6, 7, 8]
+    with torch.inference_mode():
+        expected = tiny_model(torch.tensor([prompt])).logits[0, -1]
+    runner = FalconRunner(model, batch_rows=2, max_len=64, release_weights=True)
+    layer = model.transformer.h[0]
+    assert layer.self_attention.query_key_value.weight is None and layer.mlp.dense_4h_to_h.weight is None
+    assert sum(p.numel() for p in model.transformer.h.parameters()) == sum(
+        2 * model.config.hidden_size for _ in model.transformer.h)  # only the layer norms are left
+    torch.testing.assert_close(runner.prefill([0], [prompt], [0])[0], expected, atol=1e-4, rtol=0)
+
+
+def test_load_model_puts_the_weights_on_the_device(tiny_checkpoint, device):
+    model, tokenizer = load_model(tiny_checkpoint, device, torch.float32)
+    assert model.device.type == torch.device(device).type and model.dtype == torch.float32
+    assert tokenizer.eos_token_id is not None
