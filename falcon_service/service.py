@@ -142,6 +142,9 @@ class FalconService:
                                  runner_factory=partial(FalconRunner, release_weights=True),
                                  threads=threads if device == "cpu" else None,
                                  cuda_graphs=SETTINGS.cuda_graphs and device == "cuda")
+            if self.engine.graphs is not None:
+                log.info("capturing decode graphs")
+                self.engine.capture_graphs()
             serving.attach(self.engine)
             log.info("model %s ready on %s (%s) in %.1f s; KV budget %d tokens", self.model_ref.tag, device,
                      str(dtype).removeprefix("torch."), time.perf_counter() - started, budget)

@@ -8,8 +8,10 @@ A step of B rows at attention width W replays the smallest captured graph of at 
 and at least W positions: the padding rows write only to the scratch row, and attention reads
 no more of the cache than the width bucket holds.
 
-All graphs are captured when the engine starts, while the batch is empty (the warm-up runs
-then write only to the scratch row), into one shared memory pool.
+A bucket is captured the first time a step needs it (or all of them at start, `capture_all`),
+into one shared memory pool. Capturing runs the step eagerly twice first (library handles, kernel
+choices): those runs compute exactly what the step then computes, writing the same keys and
+values to the same slots, so a capture in the middle of serving changes no result.
 """
 
 from __future__ import annotations
@@ -56,18 +58,23 @@ class DecodeGraphs:
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._pool = torch.cuda.graph_pool_handle()
         self._stream = torch.cuda.Stream(device=runner.device)
-        self.capture_seconds = 0.0
 
-    def capture_all(self) -> None:
-        """Capture every bucket, largest first (so the smaller ones reuse its memory); the batch must be empty."""
+    @property
+    def captured(self) -> int:
+        return len(self._graphs)
+
+    def capture_all(self) -> float:
+        """Capture every bucket not captured yet, largest first (the smaller ones reuse its memory); seconds."""
         start = time.perf_counter()
         for rows in reversed(self.batch_buckets):
             for width in reversed(self.width_buckets):
-                self._capture(rows, width)
+                if (rows, width) not in self._graphs:
+                    self._capture(rows, width)
         torch.cuda.synchronize(self.runner.device)
-        self.capture_seconds = time.perf_counter() - start
+        seconds = time.perf_counter() - start
         log.info("captured %d decode graphs (%d batch sizes x %d widths) in %.1f s", len(self._graphs),
-                 len(self.batch_buckets), len(self.width_buckets), self.capture_seconds)
+                 len(self.batch_buckets), len(self.width_buckets), seconds)
+        return seconds
 
     def _capture(self, rows: int, width: int) -> None:
         self._stream.wait_stream(torch.cuda.current_stream(self.runner.device))
@@ -83,8 +90,9 @@ class DecodeGraphs:
     def decode(self, count: int, width: int) -> torch.Tensor:
         """Logits of a decode step of rows 0..count-1 (a view of the output buffer, valid until the next step)."""
         rows, bucket_width = bucket(count, self.batch_buckets), bucket(width, self.width_buckets)
-        graph = self._graphs.get((rows, bucket_width)) if rows and bucket_width else None
-        if graph is None:
+        if rows is None or bucket_width is None:
             return self.runner.decode(count, width)
-        graph.replay()
+        if (rows, bucket_width) not in self._graphs:
+            self._capture(rows, bucket_width)
+        self._graphs[(rows, bucket_width)].replay()
         return self.out[:count]

@@ -80,8 +80,7 @@ class Engine:
         self.overlap = on_cuda if overlap is None else overlap
         self.graphs: DecodeGraphs | None = None
         if on_cuda if cuda_graphs is None else cuda_graphs:
-            self.graphs = DecodeGraphs(self._runner)
-            self.graphs.capture_all()
+            self.graphs = DecodeGraphs(self._runner)  # buckets are captured when first needed
         self._batch = self._new_batch()
         self._sequences: list[SequenceState] = []  # row i of the batch is sequence i
         self._pending: list[_Launched] = []  # launched, not yet read back (overlap)
@@ -90,6 +89,10 @@ class Engine:
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="falcon-engine", daemon=True)
         self._thread.start()
+
+    def capture_graphs(self) -> float:
+        """Capture every decode graph now (before serving), so no step waits for a capture; seconds."""
+        return self.graphs.capture_all() if self.graphs is not None else 0.0
 
     def _new_batch(self) -> RunningBatch:
         return RunningBatch(self._runner, self.graphs.decode if self.graphs else None)

@@ -88,6 +88,25 @@ class _Layer:
     four_h_to_h: Linear
 
 
+def _linears(layer) -> list[torch.nn.Linear]:
+    attn, mlp = layer.self_attention, layer.mlp
+    return [attn.query_key_value, attn.dense, mlp.dense_h_to_4h, mlp.dense_4h_to_h]
+
+
+def _own_small_weights(model: PreTrainedModel) -> None:
+    """Give every weight that is not prepacked (embedding, layer norms) memory of its own.
+
+    transformers maps a safetensors checkpoint into memory and its tensors are views of the file;
+    while any view of a file lives, all of its pages stay mapped. Once the linears are prepacked
+    and dropped, these copies let the mapping go, so the weights are held once, in the packed form.
+    """
+    packed = {id(m.weight) for layer in model.transformer.h for m in _linears(layer)}
+    with torch.no_grad():
+        for param in model.parameters():
+            if id(param) not in packed:
+                param.data = param.data.clone()
+
+
 class FalconRunner:
     """Prefill and decode steps for up to `batch_rows` sequences of up to `max_len` tokens each.
 
@@ -114,9 +133,12 @@ class FalconRunner:
         self.device, self.dtype = model.device, model.dtype
         self.io = DeviceIO(self.device)
         t = model.transformer
+        release = release_weights and self.device.type == "cpu"
+        if release:
+            _own_small_weights(model)
         self.embed = t.word_embeddings.weight
         with torch.inference_mode():
-            self.layers = [self._layer(layer, release_weights) for layer in t.h]
+            self.layers = [self._layer(layer, release) for layer in t.h]
             self.lm_head = make_linear(model.lm_head.weight, None)
         self.ln_f = (t.ln_f.weight, t.ln_f.bias)
         with torch.inference_mode():
@@ -133,12 +155,10 @@ class FalconRunner:
 
     @staticmethod
     def _layer(layer, release: bool) -> _Layer:
-        attn, mlp = layer.self_attention, layer.mlp
-        linears = [attn.query_key_value, attn.dense, mlp.dense_h_to_4h, mlp.dense_4h_to_h]
         made = []
-        for module in linears:
+        for module in _linears(layer):
             made.append(make_linear(module.weight, module.bias))
-            if release and module.weight.device.type == "cpu":
+            if release:
                 module.weight = None  # one copy of the weights: the prepacked one the runner holds
         return _Layer(layer.input_layernorm.weight, layer.input_layernorm.bias, *made)
 

@@ -71,7 +71,7 @@ class SamplingState:
         if params.needs_penalties:
             self.output_counts = torch.zeros(vocab_size, dtype=torch.float32, device=io.device)
             self.prompt_mask = torch.zeros(vocab_size, dtype=torch.bool, device=io.device)
-            self.prompt_mask[io.upload(list(prompt_ids), torch.long)] = True
+            self.prompt_mask.index_fill_(0, io.upload(list(prompt_ids), torch.long), True)
         self.bias: tuple[torch.Tensor, torch.Tensor] | None = None
         if params.logit_bias:
             self.bias = (io.upload(list(params.logit_bias), torch.long),

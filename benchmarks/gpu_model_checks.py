@@ -1,0 +1,245 @@
+"""Model-level checks for the GPU check: copy bandwidth and roofline, logits against transformers, and
+transformers' own fastest single-stream `generate` (static cache + torch.compile) as the peer.
+
+    python benchmarks/gpu_model_checks.py --checkpoint CKPT_DIR --out model_checks.json
+
+Needs torch, transformers and accelerate, not BentoML. Runs on the CPU too (a dry run of the GPU
+check), where the numbers mean nothing but every path is exercised.
+
+Correctness: 32 prompt tokens, then 32 teacher-forced decode steps, at batch 1 and 64, through
+the serving path (RunningBatch, FalconRunner, CUDA graphs on a GPU), against transformers'
+forward of the whole sequence. Both run in bf16; each is also compared with transformers in
+float32, so the report says whether this engine is as close to the exact logits as transformers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from falcon_service.engine.batch import RunningBatch
+from falcon_service.engine.cuda_graphs import DecodeGraphs
+from falcon_service.engine.falcon import FalconRunner
+
+PROMPT, STEPS = 32, 32
+# bf16 tolerance, stated: the engine's logits stay within 2% (relative L2) of transformers' bf16 logits,
+# and no further from the float32 logits than 1.5x transformers' own bf16 distance to them
+REL_L2_VS_TRANSFORMERS = 2e-2
+RATIO_VS_FLOAT32 = 1.5
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def copy_bandwidth(device: torch.device, gib: float = 2.0, repeats: int = 10) -> dict:
+    """Device-to-device copy of a large buffer; bytes read plus bytes written per second (median)."""
+    n = int(gib * 2**30) // 2
+    src = torch.randn(n, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    times = []
+    for i in range(repeats + 2):
+        sync(device)
+        t = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        if i >= 2:
+            times.append(time.perf_counter() - t)
+    seconds = statistics.median(times)
+    return {"buffer_gib": gib, "seconds": seconds, "bytes_per_s": 2 * n * 2 / seconds}
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def engine_logits(model, tokens: torch.Tensor, graphs: bool) -> torch.Tensor:
+    """Logits of the serving path: prefill PROMPT tokens, then decode the rest one at a time (teacher-forced).
+    Returns (batch, 1 + STEPS, vocab): after the prompt, and after each fed token."""
+    batch_size = tokens.shape[0]
+    runner = FalconRunner(model, batch_rows=max(batch_size, 1), max_len=model.config.max_position_embeddings)
+    decode_graphs = None
+    if graphs and runner.device.type == "cuda":
+        decode_graphs = DecodeGraphs(runner)  # the buckets this check needs are captured on first use
+    batch = RunningBatch(runner, decode_graphs.decode if decode_graphs else None)
+    host = tokens.tolist()
+    out = [batch.add([row[:PROMPT] for row in host], [1] * batch_size).float()]
+    for step in range(STEPS):
+        batch.set_tokens(0, tokens[:, PROMPT + step])
+        out.append(batch.step().float())
+    return torch.stack(out, dim=1)
+
+
+def transformers_logits(model, tokens: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        logits = model(tokens).logits
+    return logits[:, PROMPT - 1 : PROMPT + STEPS].float()
+
+
+def compare(ours: torch.Tensor, theirs: torch.Tensor) -> dict:
+    return {
+        "rel_l2": rel_l2(ours, theirs),
+        "max_abs": float((ours - theirs).abs().max()),
+        "top1_agreement": float((ours.argmax(-1) == theirs.argmax(-1)).float().mean()),
+    }
+
+
+def attention_fast_paths(model) -> dict:
+    """Whether each attention call of the runner runs on a fused SDPA kernel (flash, efficient or cuDNN):
+    run under `sdpa_kernel` without the math fallback, a call that needs it fails."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    fused = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+    runner = FalconRunner(model, batch_rows=4, max_len=model.config.max_position_embeddings)
+    batch = RunningBatch(runner)
+    batch.stage(list(range(7, 20)), 0)  # the first chunk of a long prompt
+    calls = {
+        "prefill of new prompts": lambda: batch.add([list(range(1, 40)), list(range(5, 30))], [1, 1]),
+        "decode": lambda: batch.step([1, 2]),
+        "prefill chunk after a cached prefix": lambda: batch.stage(list(range(20, 33)), 13),
+    }
+    result = {}
+    for name, call in calls.items():
+        try:
+            with sdpa_kernel(fused):
+                call()
+            result[name] = "fused kernel"
+        except RuntimeError as exc:
+            result[name] = f"needs the math kernel: {str(exc)[:200]}"
+            call()  # keep the batch's state as if it had run
+    return result
+
+
+def decode_step_times(model, batch_sizes: tuple[int, ...] = (1, 64), steps: int = 50) -> dict:
+    """Milliseconds per decode step (CUDA graph replay, width bucket 128), the engine's floor per token."""
+    times = {}
+    for batch_size in batch_sizes:
+        runner = FalconRunner(model, batch_rows=batch_size, max_len=model.config.max_position_embeddings)
+        graphs = DecodeGraphs(runner) if runner.device.type == "cuda" else None
+        batch = RunningBatch(runner, graphs.decode if graphs else None)
+        batch.add([list(range(1, 33))] * batch_size, [1] * batch_size)
+        batch.set_tokens(0, [3] * batch_size)
+        for _ in range(3):
+            batch.step()
+        sync(runner.device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            batch.step()
+        sync(runner.device)
+        times[batch_size] = 1000 * (time.perf_counter() - start) / steps
+    return times
+
+
+def transformers_generate_peer(model, tokens: torch.Tensor, new_tokens: int, compile_: bool, runs: int = 3) -> dict:
+    """transformers' fastest single stream: a static KV cache and (optionally) the forward compiled."""
+    from transformers import GenerationConfig
+
+    result: dict = {"compiled": compile_, "new_tokens": new_tokens}
+    config = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                              cache_implementation="static", pad_token_id=model.config.eos_token_id)
+    original = model.forward
+    try:
+        if compile_:
+            model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+        prompt = tokens[:1, :PROMPT]
+        start = time.perf_counter()
+        for _ in range(2):  # compiling and capturing happen here
+            model.generate(prompt, generation_config=config)
+        result["warmup_s"] = time.perf_counter() - start
+        times = []
+        for _ in range(runs):
+            sync(prompt.device)
+            t = time.perf_counter()
+            out = model.generate(prompt, generation_config=config)
+            sync(prompt.device)
+            times.append(time.perf_counter() - t)
+        made = out.shape[1] - PROMPT
+        result.update(seconds=statistics.median(times), tokens=made, tok_s=made / statistics.median(times))
+    except Exception as exc:  # reported, never hidden: the peer's row says it failed and why
+        result["error"] = f"{type(exc).__name__}: {exc}"[:500]
+    finally:
+        model.forward = original
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batches", default="1,64", help="batch sizes of the correctness check")
+    p.add_argument("--peer-tokens", type=int, default=64)
+    p.add_argument("--no-compile", action="store_true", help="the peer without torch.compile")
+    p.add_argument("--skip-float32", action="store_true", help="no float32 reference (it needs 2x the memory)")
+    a = p.parse_args(argv)
+    from transformers import AutoModelForCausalLM
+
+    device = torch.device(a.device)
+    report: dict = {"device": str(device), "torch": torch.__version__}
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        report["gpu"] = torch.cuda.get_device_name(device)
+    out = Path(a.out)
+
+    def save() -> None:
+        out.write_text(json.dumps(report, indent=2))
+
+    report["bandwidth"] = copy_bandwidth(device, gib=2.0 if device.type == "cuda" else 0.25)
+    save()
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(a.checkpoint, dtype=torch.bfloat16, device_map=str(device)).eval()
+    report["load_s"] = time.perf_counter() - start
+    weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    report["weight_bytes"] = weight_bytes
+    report["roofline_tok_s"] = report["bandwidth"]["bytes_per_s"] / weight_bytes
+    generator = torch.Generator().manual_seed(0)
+    vocab = model.config.vocab_size
+    checks = {}
+    stored: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for batch_size in [int(b) for b in a.batches.split(",")]:
+        tokens = torch.randint(0, vocab, (batch_size, PROMPT + STEPS), generator=generator).to(device)
+        ours = engine_logits(model, tokens, graphs=True)
+        theirs = transformers_logits(model, tokens)
+        checks[batch_size] = {"vs_transformers_bf16": compare(ours, theirs)}
+        stored[batch_size] = (tokens, ours.cpu(), theirs.cpu())
+        print(f"batch {batch_size}: {checks[batch_size]}", flush=True)
+    report["correctness"] = checks
+    save()
+    report["attention"] = attention_fast_paths(model)
+    print(f"attention: {report['attention']}", flush=True)
+    report["decode_step_ms"] = decode_step_times(model)
+    print(f"decode step ms: {report['decode_step_ms']}", flush=True)
+    save()
+    report["peer"] = transformers_generate_peer(model, stored[min(stored)][0], a.peer_tokens, not a.no_compile)
+    print(f"peer: {report['peer']}", flush=True)
+    save()
+    if not a.skip_float32:
+        model = model.float()  # the float32 reference (the engine is done with the bf16 weights)
+        for batch_size, (tokens, ours, theirs) in stored.items():
+            exact = transformers_logits(model, tokens).cpu()
+            ours_err, theirs_err = rel_l2(ours, exact), rel_l2(theirs, exact)
+            checks[batch_size]["engine_bf16_vs_float32"] = ours_err
+            checks[batch_size]["transformers_bf16_vs_float32"] = theirs_err
+            checks[batch_size]["ratio"] = ours_err / theirs_err if theirs_err else math.inf
+    for c in checks.values():
+        c["within_tolerance"] = (c["vs_transformers_bf16"]["rel_l2"] <= REL_L2_VS_TRANSFORMERS
+                                 and c.get("ratio", 1.0) <= RATIO_VS_FLOAT32)
+    report["tolerance"] = {"rel_l2_vs_transformers_bf16": REL_L2_VS_TRANSFORMERS,
+                           "max_ratio_of_float32_errors": RATIO_VS_FLOAT32}
+    save()
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
