@@ -234,6 +234,16 @@ class FalconRunner:
         return logits[:split], logits[split:]
 
 
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scale: float
+                     ) -> torch.Tensor:
+    """Multi-query decode attention: q (B, H, D) over keys and values (B, W, D) with an additive mask
+    (B, 1, 1, W). Every head attends to the one KV head, so the heads are the query rows of a single
+    head: no copy of the keys per head. SDPA's kernels keep scores and softmax in float32."""
+    out = F.scaled_dot_product_attention(q.unsqueeze(1), keys.unsqueeze(1), values.unsqueeze(1), attn_mask=mask,
+                                         scale=scale)
+    return out.squeeze(1)
+
+
 class _DecodePlan:
     """One decode step of rows 0..count-1 from the runner's decode buffers: positions and mask, for all layers.
 
@@ -258,11 +268,9 @@ class _DecodePlan:
         k = (k * self.cos + _rotate_half(k) * self.sin)[:, 0]
         r.keys[layer].index_put_((self.rows, self.lengths), k)
         r.values[layer].index_put_((self.rows, self.lengths), v)
-        keys = r.keys[layer, :batch, : self.width].unsqueeze(1)  # (B, 1, W, D): views, no copy
-        values = r.values[layer, :batch, : self.width].unsqueeze(1)
-        # multi-query: every head attends to the one KV head, so the heads are the query rows of one head
-        out = F.scaled_dot_product_attention(q.unsqueeze(1), keys, values, attn_mask=self.mask, scale=r.scale)
-        return out.reshape(batch, heads * r.head_dim)
+        keys = r.keys[layer, :batch, : self.width]  # (B, W, D): views, no copy
+        values = r.values[layer, :batch, : self.width]
+        return decode_attention(q, keys, values, self.mask, r.scale).reshape(batch, heads * r.head_dim)
 
 
 class _PrefillPlan:

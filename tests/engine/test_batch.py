@@ -207,3 +207,60 @@ def test_decode_graph_buckets_cover_every_batch_size_and_width():
         assert chosen is not None and rows <= chosen <= 37 and chosen - rows < 8
     assert [bucket(w, widths) for w in (1, 128, 129, 1500, 2048)] == [128, 128, 256, 2048, 2048]
     assert bucket(2049, widths) is None
+
+
+# bf16 tolerance, stated (the GPU check holds Falcon-7B to the same): the engine's logits stay within 2%
+# (relative L2) of transformers' bf16 logits, and no further from the float32 logits than 1.5x
+# transformers' own bf16 distance to them
+BF16_REL_L2 = 2e-2
+BF16_RATIO_VS_FLOAT32 = 1.5
+
+
+def test_bf16_logits_stay_within_the_stated_tolerance_of_transformers(tiny_checkpoint, tiny_model, texts):
+    def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a.float() - b.float()).norm() / b.float().norm())
+
+    from transformers import AutoModelForCausalLM
+
+    bf16 = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.bfloat16).to(TEST_DEVICE).eval()
+    runner = FalconRunner(bf16, batch_rows=4, max_len=128)
+    batch = RunningBatch(runner)
+    prompts = [texts[1], texts[2]]
+    fed = [[11, 12, 13, 14, 15, 16, 17, 18], [21, 22, 23, 24, 25, 26, 27, 28]]
+    ours = [batch.add(prompts, [1, 1]).float()]
+    for step in range(len(fed[0])):
+        ours.append(batch.step([f[step] for f in fed]).float())
+    engine = torch.stack(ours, dim=1)  # (2, 9, vocab)
+    theirs, exact = [], []
+    for prompt, tokens in zip(prompts, fed, strict=True):
+        ids = torch.tensor([[*prompt, *tokens]], device=TEST_DEVICE)
+        start = len(prompt) - 1
+        with torch.inference_mode():
+            theirs.append(bf16(ids).logits[0, start:].float())
+            exact.append(tiny_model(ids).logits[0, start:].float())
+    theirs_t, exact_t = torch.stack(theirs), torch.stack(exact)
+    assert rel_l2(engine, theirs_t) <= BF16_REL_L2
+    assert rel_l2(engine, exact_t) <= BF16_RATIO_VS_FLOAT32 * rel_l2(theirs_t, exact_t)
+
+
+def test_bf16_decode_attention_keeps_scores_and_softmax_in_float32():
+    """Against float64 attention over the same bf16 inputs, the error is that of rounding the output to
+    bf16; scores and softmax computed in bf16 make it about five times larger."""
+    from falcon_service.engine.falcon import decode_attention
+
+    generator = torch.Generator().manual_seed(0)
+    batch, heads, width, dim = 4, 8, 512, 64
+    q, k, v = (torch.randn(shape, generator=generator) * scale for shape, scale in
+               (((batch, heads, dim), 2.0), ((batch, width, dim), 2.0), ((batch, width, dim), 1.0)))
+    q, k, v = (t.to(TEST_DEVICE, torch.bfloat16) for t in (q, k, v))
+    lengths = torch.tensor([511, 300, 17, 450], device=TEST_DEVICE)
+    mask = torch.zeros(batch, 1, 1, width, dtype=torch.bfloat16, device=TEST_DEVICE)
+    mask.masked_fill_(torch.arange(width, device=TEST_DEVICE) > lengths[:, None, None, None], float("-inf"))
+    scores = (q.double() @ k.double().transpose(1, 2)) * 0.125 + mask[:, 0].double()
+    exact = scores.softmax(-1) @ v.double()
+
+    def error(out: torch.Tensor) -> float:
+        return float((out.double() - exact).norm() / exact.norm())
+
+    got = decode_attention(q, k, v, mask, 0.125)
+    assert error(got) <= 1.5 * error(exact.to(torch.bfloat16))
