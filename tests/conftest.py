@@ -54,7 +54,8 @@ class ControlledModel:
     """The tiny model with a handle on its engine's forward passes: a test can make them fail, pause
     them, and see the shapes they ran.
 
-    Engines built with `runner_factory=controlled.runner_factory` run through it. `fail = True` makes
+    Engines built with `runner_factory=controlled.runner_factory` (and `cuda_graphs=False`: a replayed
+    CUDA graph does not call the forward) run through it. `fail = True` makes
     every forward raise; clearing `running` blocks the next forward until it is set again; `calls`
     records `(rows, new tokens per row, attention width)` of every prefill and decode.
     """

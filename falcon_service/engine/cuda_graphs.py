@@ -18,12 +18,16 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import torch
 
 from .falcon import FalconRunner
 
 log = logging.getLogger(__name__)
+
+Step = Callable[[], None]
+Capture = Callable[[Step], Step]  # a step's function -> what replays it
 
 
 def batch_buckets(max_rows: int) -> list[int]:
@@ -46,22 +50,31 @@ def bucket(value: int, buckets: list[int]) -> int | None:
 
 
 class DecodeGraphs:
-    """Captured decode steps of a runner; `decode(count, width)` has the signature of `runner.decode`."""
+    """Captured decode steps of a runner; `decode(count, width)` has the signature of `runner.decode`.
 
-    def __init__(self, runner: FalconRunner) -> None:
-        if runner.device.type != "cuda":
-            raise ValueError("CUDA graphs need a CUDA device")
+    `capture` turns a step's function into what replays it: a CUDA graph by default; tests on a CPU
+    pass one that replays by calling the function, so the buckets, padding and output buffer run
+    exactly as around a graph.
+    """
+
+    def __init__(self, runner: FalconRunner, capture: Capture | None = None) -> None:
+        if capture is None:
+            if runner.device.type != "cuda":
+                raise ValueError("CUDA graphs need a CUDA device")
+            self._pool = torch.cuda.graph_pool_handle()
+            self._stream = torch.cuda.Stream(device=runner.device)
+            capture = self._cuda_graph
+        self._capture_step = capture
         self.runner = runner
         self.batch_buckets = batch_buckets(runner.batch_rows)
         self.width_buckets = width_buckets(runner.max_len)
         self.out = torch.zeros(runner.batch_rows, runner.vocab_size, dtype=runner.dtype, device=runner.device)
-        self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
-        self._pool = torch.cuda.graph_pool_handle()
-        self._stream = torch.cuda.Stream(device=runner.device)
+        self._graphs: dict[tuple[int, int], Step] = {}
 
     @property
-    def captured(self) -> int:
-        return len(self._graphs)
+    def buckets(self) -> set[tuple[int, int]]:
+        """The (rows, width) buckets captured so far."""
+        return set(self._graphs)
 
     def capture_all(self) -> float:
         """Capture every bucket not captured yet, largest first (the smaller ones reuse its memory); seconds."""
@@ -70,22 +83,30 @@ class DecodeGraphs:
             for width in reversed(self.width_buckets):
                 if (rows, width) not in self._graphs:
                     self._capture(rows, width)
-        torch.cuda.synchronize(self.runner.device)
+        if self.runner.device.type == "cuda":
+            torch.cuda.synchronize(self.runner.device)
         seconds = time.perf_counter() - start
         log.info("captured %d decode graphs (%d batch sizes x %d widths) in %.1f s", len(self._graphs),
                  len(self.batch_buckets), len(self.width_buckets), seconds)
         return seconds
 
     def _capture(self, rows: int, width: int) -> None:
-        self._stream.wait_stream(torch.cuda.current_stream(self.runner.device))
+        def step() -> None:
+            self.out[:rows].copy_(self.runner.decode(rows, width))
+
+        self._graphs[(rows, width)] = self._capture_step(step)
+
+    def _cuda_graph(self, step: Step) -> Step:
+        device = self.runner.device
+        self._stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(self._stream):
-            for _ in range(2):  # warm-up: library handles, kernel choices; writes go to the scratch row
-                self.runner.decode(rows, width)
-        torch.cuda.current_stream(self.runner.device).wait_stream(self._stream)
+            for _ in range(2):  # warm-up: library handles, kernel choices (see the module's docstring)
+                step()
+        torch.cuda.current_stream(device).wait_stream(self._stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool, stream=self._stream, capture_error_mode="thread_local"):
-            self.out[:rows].copy_(self.runner.decode(rows, width))
-        self._graphs[(rows, width)] = graph
+            step()
+        return graph.replay
 
     def decode(self, count: int, width: int) -> torch.Tensor:
         """Logits of a decode step of rows 0..count-1 (a view of the output buffer, valid until the next step)."""
@@ -94,5 +115,5 @@ class DecodeGraphs:
             return self.runner.decode(count, width)
         if (rows, bucket_width) not in self._graphs:
             self._capture(rows, bucket_width)
-        self._graphs[(rows, bucket_width)].replay()
+        self._graphs[(rows, bucket_width)]()
         return self.out[:count]

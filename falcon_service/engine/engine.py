@@ -25,7 +25,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .batch import RunningBatch
-from .cuda_graphs import DecodeGraphs
+from .cuda_graphs import Capture, DecodeGraphs
 from .falcon import FalconRunner
 from .request import ChoiceEvent, EngineError, EngineObserver, FinishReason, GenerationRequest, RequestRecord
 from .sampling import SampledOnHost, SamplingParams, TokenLogprob, sample
@@ -55,13 +55,15 @@ class Engine:
     """Iteration-level batching: new requests join at the next step, finished ones leave at once.
 
     `cuda_graphs` and `overlap` default to on for a CUDA model and off on the CPU (where there is
-    no launch overhead to save and no device to overlap with).
+    no launch overhead to save and no device to overlap with). `graph_capture` replaces the CUDA
+    graph capture (tests replay decode steps through the same buckets on a CPU).
     """
 
     def __init__(
         self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, limits: BatchLimits,
         observer: EngineObserver | None = None, runner_factory: RunnerFactory = FalconRunner,
         threads: int | None = None, cuda_graphs: bool | None = None, overlap: bool | None = None,
+        graph_capture: Capture | None = None,
     ) -> None:
         self.model = model.eval()
         self.threads = threads
@@ -79,8 +81,8 @@ class Engine:
         on_cuda = self._runner.device.type == "cuda"
         self.overlap = on_cuda if overlap is None else overlap
         self.graphs: DecodeGraphs | None = None
-        if on_cuda if cuda_graphs is None else cuda_graphs:
-            self.graphs = DecodeGraphs(self._runner)  # buckets are captured when first needed
+        if graph_capture is not None or (on_cuda if cuda_graphs is None else cuda_graphs):
+            self.graphs = DecodeGraphs(self._runner, graph_capture)  # buckets are captured when first needed
         self._batch = self._new_batch()
         self._sequences: list[SequenceState] = []  # row i of the batch is sequence i
         self._pending: list[_Launched] = []  # launched, not yet read back (overlap)

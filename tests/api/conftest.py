@@ -46,7 +46,7 @@ async def make_api(tiny_model, tiny_tokenizer) -> AsyncIterator[MakeApi]:
         serving = OpenAIServing(MODEL_NAME)
         app = create_app(serving, api_key=api_key)
         if hasattr(model, "runner_factory"):  # a ControlledModel (tests/conftest.py)
-            engine = Engine(model.inner, tiny_tokenizer, limits, runner_factory=model.runner_factory)
+            engine = Engine(model.inner, tiny_tokenizer, limits, runner_factory=model.runner_factory, cuda_graphs=False)
         else:
             engine = Engine(model if model is not None else tiny_model, tiny_tokenizer, limits)
         transport = httpx.ASGITransport(app=app)

@@ -85,12 +85,14 @@ def make_engine(request, tiny_tokenizer):
     overlap: bool = request.param
     controlled: list = []  # ControlledModel fixtures (tests/conftest.py)
 
-    def make(model, limits: BatchLimits = ROOMY) -> Engine:
+    def make(model, limits: BatchLimits = ROOMY, **options) -> Engine:
         if hasattr(model, "runner_factory"):  # a ControlledModel
             controlled.append(model)
-            engine = Engine(model.inner, tiny_tokenizer, limits, runner_factory=model.runner_factory, overlap=overlap)
+            # eager forward passes: a replayed CUDA graph would not go through the controlled forward
+            engine = Engine(model.inner, tiny_tokenizer, limits, runner_factory=model.runner_factory, overlap=overlap,
+                            cuda_graphs=False)
         else:
-            engine = Engine(model, tiny_tokenizer, limits, overlap=overlap)
+            engine = Engine(model, tiny_tokenizer, limits, overlap=overlap, **options)
         engines.append(engine)
         return engine
 
@@ -116,8 +118,21 @@ def decode_rows(model) -> list[int]:
 # ---------- parity with transformers ----------
 
 
-async def test_greedy_matches_generate(make_engine, tiny_model, tiny_tokenizer, prompts):
-    engine = make_engine(tiny_model)
+def replaying_capture(replays: list[int]):
+    """Stands in for CUDA graph capture on any device: replaying a bucket runs its step function, so
+    the buckets, padding rows and output buffer work as around a real graph."""
+    def capture(step):
+        def replay() -> None:
+            replays.append(1)
+            step()
+        return replay
+    return capture
+
+
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "bucketed-graph-replay"])
+async def test_greedy_matches_generate(make_engine, tiny_model, tiny_tokenizer, prompts, graphs):
+    replays: list[int] = []
+    engine = make_engine(tiny_model, graph_capture=replaying_capture(replays) if graphs else None)
     max_new = 12
     expected, expected_logprobs = [], []
     for prompt in prompts:
@@ -139,6 +154,9 @@ async def test_greedy_matches_generate(make_engine, tiny_model, tiny_tokenizer, 
         assert [c.tokens for c in got] == expected
         for choice, want in zip(got, expected_logprobs, strict=True):
             assert choice.logprobs == pytest.approx(want, abs=1e-4)
+    if graphs:  # decode steps went through buckets: 1 row alone; 5 rows padded to 8 together
+        assert engine.graphs is not None and len(replays) > 2 * (max_new - 1)
+        assert {rows for rows, _ in engine.graphs.buckets} >= {1, 8}
 
 
 # ---------- batch invariance ----------
@@ -229,7 +247,7 @@ async def test_overlapped_steps_deliver_a_step_while_the_next_one_runs(tiny_mode
                 release.wait(30)
             return super().forward(decode, prefill)
 
-    engine = Engine(tiny_model, tiny_tokenizer, ROOMY, runner_factory=HeldRunner, overlap=True)
+    engine = Engine(tiny_model, tiny_tokenizer, ROOMY, runner_factory=HeldRunner, overlap=True, cuda_graphs=False)
     try:
         stream = aiter(engine.submit(GenerationRequest(tuple(prompts[1]), greedy(4, ignore_eos=True))))
         first = asyncio.ensure_future(anext(stream))
