@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+from dataclasses import fields
 from typing import Literal
 
 from pydantic import BaseModel, Field
+
+from .engine.loader import EngineOptions
 
 ENV_PREFIX = "FALCON_"
 
@@ -52,6 +55,10 @@ class Settings(BaseModel):
     def model_name(self) -> str:
         """The model id of the OpenAI API: `served_model_name`, else the store name of `model`."""
         return self.served_model_name or self.model.split(":", 1)[0]
+
+    def engine_options(self) -> EngineOptions:
+        """What the engine needs of these settings."""
+        return EngineOptions(**{f.name: getattr(self, f.name) for f in fields(EngineOptions)})
 
     def torch_device(self, cuda_available: bool) -> str:
         return ("cuda" if cuda_available else "cpu") if self.device == "auto" else self.device

@@ -14,7 +14,6 @@ import os
 # OMP_NUM_THREADS=1 in the worker of a GPU service, so its value says nothing about the machine.)
 os.environ["OMP_NUM_THREADS"] = "1"
 
-import hmac
 import logging
 import threading
 from collections.abc import AsyncGenerator
@@ -25,10 +24,10 @@ from typing import Any
 import bentoml
 import yaml
 from bentoml.exceptions import BentoMLException
-from pydantic import ValidationError
 
+from .api.auth import check_api_key
 from .api.errors import to_api_error
-from .api.protocol import ChatCompletionRequest, CompletionRequest
+from .api.protocol import ChatRequest, GenerateRequest
 from .api.routes import create_app
 from .api.serving import OpenAIServing
 from .config import Settings
@@ -54,24 +53,18 @@ serving = OpenAIServing(SETTINGS.model_name, default_chat_stop=SETTINGS.default_
 openai_app = create_app(serving, SETTINGS.api_key)
 
 
-def _authorize(ctx: bentoml.Context) -> None:
-    """The native APIs take the same API key as /v1 (`bentoml.SyncHTTPClient(url, token=key)`)."""
-    if not SETTINGS.api_key:
-        return
-    scheme, _, token = ctx.request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), SETTINGS.api_key.encode()):
-        raise BentoMLException("Invalid or missing API key (send `Authorization: Bearer <key>`).",
-                               error_code=HTTPStatus.UNAUTHORIZED)
-
-
 def _bento_error(exc: BaseException) -> BentoMLException:
-    """The same errors as the OpenAI routes, for `bentoml.SyncHTTPClient` callers."""
-    if isinstance(exc, ValidationError):
-        first = exc.errors()[0]
-        param = ".".join(str(p) for p in first["loc"]) or "request"
-        return BentoMLException(f"Invalid value for `{param}`: {first['msg']}", error_code=HTTPStatus.BAD_REQUEST)
+    """The OpenAI routes' error (status and message), for `bentoml.SyncHTTPClient` callers."""
     err = to_api_error(exc)
     return BentoMLException(err.message, error_code=HTTPStatus(err.status))
+
+
+def _authorize(ctx: bentoml.Context) -> None:
+    """The native APIs take the same API key as /v1 (`bentoml.SyncHTTPClient(url, token=key)`)."""
+    try:
+        check_api_key(ctx.request.headers.get("authorization"), SETTINGS.api_key)
+    except Exception as exc:
+        raise _bento_error(exc) from exc
 
 
 @bentoml.asgi_app(openai_app, path="/")
@@ -95,59 +88,16 @@ class FalconService:
 
     def _load(self) -> None:
         try:
-            import time
-            from functools import partial
-
-            import torch
-            from transformers import AutoConfig
-
-            from .engine.engine import Engine
-            from .engine.falcon import FalconRunner, check_architecture
-            from .engine.kv_cache import default_kv_budget
-            from .engine.loader import (
-                checkpoint_dtype,
-                choose_dtype,
-                cpu_has_fast_bf16,
-                estimate_memory,
-                load_model,
-            )
-            from .engine.scheduler import BatchLimits
+            from .engine.loader import load_engine
             from .metrics import ServiceMetrics
 
-            started = time.perf_counter()
-            path = self.model_ref.path
-            labels = self.model_ref.info.labels
-            if labels.get("random_weights") == "true":
+            if self.model_ref.info.labels.get("random_weights") == "true":
                 log.warning("serving %s: RANDOM WEIGHTS, for trying the plumbing only; its text is noise",
                             self.model_ref.tag)
-            config = AutoConfig.from_pretrained(path)
-            check_architecture(config)
-            device = SETTINGS.torch_device(torch.cuda.is_available())
-            max_len = int(getattr(config, "max_position_embeddings", 2048) or 2048)
-            # before reading any weight: will they and the smallest KV cache fit? (else fail now, saying why)
-            kv_tokens = SETTINGS.max_batch_tokens or max_len
-            float32_fits = estimate_memory(path, config, device, torch.float32, kv_tokens).fits
-            dtype = choose_dtype(SETTINGS.dtype, device, checkpoint_dtype(path), cpu_has_fast_bf16(), float32_fits)
-            estimate = estimate_memory(path, config, device, dtype, kv_tokens)
-            log.info("model %s needs %s", self.model_ref.tag, estimate.describe())
-            estimate.check()
-            model, tokenizer = load_model(path, device, dtype)
-            budget = SETTINGS.max_batch_tokens or default_kv_budget(
-                model.config, model.dtype, model.device, SETTINGS.kv_cache_memory_fraction, SETTINGS.max_batch_size,
-                max_len,
-            )
-            limits = BatchLimits(SETTINGS.max_batch_size, budget, SETTINGS.max_prefill_tokens, SETTINGS.max_queue_size)
-            threads = SETTINGS.torch_threads or len(os.sched_getaffinity(0))
-            self.engine = Engine(model, tokenizer, limits, observer=ServiceMetrics(SETTINGS.model_name),
-                                 runner_factory=partial(FalconRunner, release_weights=True),
-                                 threads=threads if device == "cpu" else None,
-                                 cuda_graphs=SETTINGS.cuda_graphs and device == "cuda")
-            if self.engine.graphs is not None:
-                log.info("capturing decode graphs")
-                self.engine.capture_graphs()
+            log.info("loading %s", self.model_ref.tag)
+            self.engine = load_engine(self.model_ref.path, SETTINGS.engine_options(),
+                                      observer=ServiceMetrics(SETTINGS.model_name))
             serving.attach(self.engine)
-            log.info("model %s ready on %s (%s) in %.1f s; KV budget %d tokens", self.model_ref.tag, device,
-                     str(dtype).removeprefix("torch."), time.perf_counter() - started, budget)
         except BaseException as exc:  # reported by __is_alive__ so that the orchestrator restarts us
             log.exception("loading the model failed")
             self.load_error = exc
@@ -158,30 +108,12 @@ class FalconService:
     def __is_alive__(self) -> bool:
         return self.load_error is None
 
-    @bentoml.api
-    async def generate(
-        self,
-        prompt: str,
-        max_tokens: int = 256,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        stop: list[str] | None = None,
-        seed: int | None = None,
-        presence_penalty: float = 0.0,
-        frequency_penalty: float = 0.0,
-        repetition_penalty: float = 1.0,
-        ignore_eos: bool = False,
-        ctx: bentoml.Context = None,  # type: ignore[assignment]
-    ) -> AsyncGenerator[str, None]:
+    @bentoml.api(input_spec=GenerateRequest)
+    async def generate(self, ctx: bentoml.Context, **params: Any) -> AsyncGenerator[str, None]:
         """Stream the completion of `prompt` as text chunks."""
         _authorize(ctx)
         try:
-            body = CompletionRequest(model=serving.model_name, prompt=prompt, max_tokens=max_tokens,
-                                     temperature=temperature, top_p=top_p, top_k=top_k, stop=stop, seed=seed,
-                                     presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
-                                     repetition_penalty=repetition_penalty, ignore_eos=ignore_eos)
-            chunks = serving.text_stream(body)
+            chunks = serving.generate(GenerateRequest(**params))
             first = await anext(chunks, None)
         except Exception as exc:
             raise _bento_error(exc) from exc
@@ -190,31 +122,12 @@ class FalconService:
             async for chunk in chunks:
                 yield chunk
 
-    @bentoml.api
-    async def chat(
-        self,
-        messages: list[dict[str, Any]],
-        max_tokens: int | None = None,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        stop: list[str] | None = None,
-        seed: int | None = None,
-        presence_penalty: float = 0.0,
-        frequency_penalty: float = 0.0,
-        repetition_penalty: float = 1.0,
-        ctx: bentoml.Context = None,  # type: ignore[assignment]
-    ) -> dict[str, Any]:
+    @bentoml.api(input_spec=ChatRequest)
+    async def chat(self, ctx: bentoml.Context, **params: Any) -> dict[str, Any]:
         """Answer a conversation; returns the reply, the finish reason and token usage."""
         _authorize(ctx)
         try:
-            body = ChatCompletionRequest(model=serving.model_name, messages=messages, max_tokens=max_tokens,
-                                         temperature=temperature, top_p=top_p, top_k=top_k, stop=stop, seed=seed,
-                                         presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
-                                         repetition_penalty=repetition_penalty)
-            response = await serving.chat(body)
+            reply = await serving.chat_reply(ChatRequest(**params))
         except Exception as exc:
             raise _bento_error(exc) from exc
-        choice = response.choices[0]
-        return {"reply": choice.message.content, "finish_reason": choice.finish_reason,
-                "usage": response.usage.model_dump()}
+        return reply.model_dump(mode="json")

@@ -7,6 +7,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..chat import ChatTemplateError
@@ -54,6 +55,8 @@ def to_api_error(exc: BaseException) -> APIError:
     """Map any failure to the error the client gets."""
     if isinstance(exc, APIError):
         return exc
+    if isinstance(exc, ValidationError):
+        return validation_error(exc.errors())
     if isinstance(exc, QueueFullError):
         return APIError(429, f"The server is at capacity ({exc}); retry shortly.", type="rate_limit_error",
                         code="rate_limit_exceeded", headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
@@ -72,6 +75,16 @@ def _param(loc: tuple) -> str | None:
     return ".".join(parts) or None
 
 
+def validation_error(errors: list[dict]) -> APIError:
+    """The 400 for a request that failed validation (pydantic's error list), naming the first bad field."""
+    first = errors[0] if errors else {}
+    if first.get("type") == "json_invalid":
+        return bad_request("The request body is not valid JSON.")
+    param = _param(tuple(first.get("loc", ())))
+    msg = first.get("msg", "invalid request")
+    return bad_request(f"Invalid value for `{param}`: {msg}" if param else msg, param=param)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Make every error the app returns an OpenAI error object (422 becomes 400)."""
 
@@ -81,13 +94,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {}
-        if first.get("type") == "json_invalid":
-            return bad_request("The request body is not valid JSON.").response()
-        param = _param(tuple(first.get("loc", ())))
-        msg = first.get("msg", "invalid request")
-        message = f"Invalid value for `{param}`: {msg}" if param else msg
-        return bad_request(message, param=param).response()
+        return validation_error(list(exc.errors())).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:

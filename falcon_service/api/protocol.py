@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator, model_validator
 
+from ..engine.request import FinishReason
+
 MAX_STOP_SEQUENCES = 4
 MAX_N = 16
 MAX_TOP_LOGPROBS = 20
@@ -42,12 +44,8 @@ class StreamOptions(OpenAIBaseModel):
 
 
 class SamplingFields(OpenAIBaseModel):
-    """Fields shared by chat and completions requests."""
+    """How to generate: the fields every generation request shares, OpenAI's and the native APIs'."""
 
-    model: str
-    stream: bool | None = False
-    stream_options: StreamOptions | None = None
-    n: int | None = Field(1, ge=1, le=MAX_N)
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
@@ -58,7 +56,6 @@ class SamplingFields(OpenAIBaseModel):
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
     logit_bias: dict[str, float] | None = None
-    user: str | None = None
     ignore_eos: bool | None = False
 
     @field_validator("stop")
@@ -83,6 +80,16 @@ class SamplingFields(OpenAIBaseModel):
 
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class OpenAIRequest(SamplingFields):
+    """What OpenAI's chat and completions requests add to the sampling fields."""
+
+    model: str
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    n: int | None = Field(1, ge=1, le=MAX_N)
+    user: str | None = None
 
     @property
     def include_usage(self) -> bool:
@@ -119,7 +126,7 @@ def unsupported_field(body: BaseModel) -> tuple[str, str] | None:
     return None
 
 
-class ChatCompletionRequest(SamplingFields):
+class ChatCompletionRequest(OpenAIRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = False
@@ -137,7 +144,7 @@ class ChatCompletionRequest(SamplingFields):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
-class CompletionRequest(SamplingFields):
+class CompletionRequest(OpenAIRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=5)
@@ -153,6 +160,19 @@ class CompletionRequest(SamplingFields):
     @property
     def max_new_tokens(self) -> int | None:
         return self.max_tokens
+
+
+class GenerateRequest(SamplingFields):
+    """The native `generate` API (`bentoml.SyncHTTPClient`): a prompt, its completion streamed as text."""
+
+    prompt: str = Field(min_length=1)
+    max_tokens: int | None = Field(256, ge=1)
+
+
+class ChatRequest(SamplingFields):
+    """The native `chat` API: a conversation, answered with the reply, its finish reason and usage."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
 
 
 # ---------- responses ----------
@@ -195,7 +215,7 @@ class ChatChoice(BaseModel):
     index: int
     message: ResponseMessage
     logprobs: ChatLogprobs | None = None
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -217,7 +237,7 @@ class ChatChunkChoice(BaseModel):
     index: int
     delta: DeltaMessage
     logprobs: ChatLogprobs | None = None
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
 
     @field_serializer("delta")
     def _delta_without_nulls(self, delta: DeltaMessage) -> dict[str, Any]:
@@ -246,7 +266,7 @@ class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -270,6 +290,14 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class ChatReply(BaseModel):
+    """What the native `chat` API returns."""
+
+    reply: str
+    finish_reason: FinishReason | None
+    usage: Usage
 
 
 class ErrorDetail(BaseModel):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 from collections.abc import AsyncIterator, Awaitable
 from typing import TypeVar
 
@@ -11,6 +10,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 
+from .auth import check_api_key
 from .errors import APIError, install_error_handlers, to_api_error
 from .protocol import ChatCompletionRequest, CompletionRequest
 from .serving import OpenAIServing
@@ -24,14 +24,7 @@ def _serving(request: Request) -> OpenAIServing:
 
 
 def _check_api_key(request: Request) -> None:
-    key: str | None = request.app.state.api_key
-    if not key:
-        return
-    given = request.headers.get("authorization", "")
-    scheme, _, token = given.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
-        raise APIError(401, "Invalid or missing API key (send `Authorization: Bearer <key>`).",
-                       type="authentication_error", code="invalid_api_key")
+    check_api_key(request.headers.get("authorization"), request.app.state.api_key)
 
 
 async def _until_disconnect(request: Request, work: Awaitable[T]) -> T:

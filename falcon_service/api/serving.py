@@ -17,7 +17,7 @@ from pydantic import BaseModel
 from transformers import PreTrainedTokenizerBase
 
 from .. import chat
-from ..engine.engine import ChoiceEvent, Engine, GenerationRequest, RequestStream
+from ..engine.engine import ChoiceEvent, Engine, FinishReason, GenerationRequest, RequestStream
 from ..engine.sampling import SamplingParams, TokenLogprob
 from .errors import bad_request, model_not_found, not_ready, to_api_error
 from .protocol import (
@@ -27,14 +27,18 @@ from .protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatLogprobs,
+    ChatReply,
+    ChatRequest,
     ChatTokenLogprob,
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     DeltaMessage,
+    GenerateRequest,
     ModelCard,
     ModelList,
+    OpenAIRequest,
     ResponseMessage,
     SamplingFields,
     TopLogprob,
@@ -119,7 +123,7 @@ class OpenAIServing:
 
     # ---------- request -> engine ----------
 
-    def _check_common(self, body: SamplingFields) -> Engine:
+    def _check_common(self, body: OpenAIRequest) -> Engine:
         if body.model != self.model_name:
             raise model_not_found(body.model)
         if (unsupported := unsupported_field(body)) is not None:
@@ -218,7 +222,7 @@ class OpenAIServing:
         assert self.tokenizer is not None
         return self.tokenizer.decode([token_id])
 
-    def _chat_logprobs(self, lps: Seq[TokenLogprob]) -> ChatLogprobs:
+    def chat_logprobs(self, lps: Seq[TokenLogprob]) -> ChatLogprobs:
         entries = []
         for lp in lps:
             token = self._token_text(lp.token_id)
@@ -227,7 +231,7 @@ class OpenAIServing:
                                             top_logprobs=top))
         return ChatLogprobs(content=entries)
 
-    def _completion_logprobs(self, lps: Seq[TokenLogprob], offset: int) -> CompletionLogprobs:
+    def completion_logprobs(self, lps: Seq[TokenLogprob], offset: int) -> CompletionLogprobs:
         out = CompletionLogprobs()
         for lp in lps:
             token = self._token_text(lp.token_id)
@@ -301,6 +305,25 @@ class OpenAIServing:
             finish[index] = event.finish_reason or finish[index]
         return texts, logprobs, finish
 
+    async def _sse(self, streams: Seq[RequestStream], chunks: ChunkFormat) -> AsyncIterator[str]:
+        """The one SSE loop of chat and completions: opening chunks, a chunk per delta, a finish chunk per
+        choice, the usage chunk, then `[DONE]`; a failure becomes an error event; what is left is aborted."""
+        try:
+            for line in chunks.opening():
+                yield line
+            async for index, event in self._events(streams):
+                if (line := chunks.delta(index, event)) is not None:
+                    yield line
+                if event.finish_reason is not None:
+                    yield chunks.finish(index, event.finish_reason)
+            if chunks.include_usage:
+                yield chunks.usage(self._usage(streams))
+        except Exception as exc:
+            yield sse(to_api_error(exc).body())
+        finally:  # also when the client hangs up before the first engine event is read
+            self._abort_unfinished(streams)
+        yield DONE
+
     # ---------- chat ----------
 
     async def chat(self, body: ChatCompletionRequest) -> ChatCompletionResponse:
@@ -310,7 +333,7 @@ class OpenAIServing:
         texts, logprobs, finish = await self._collect(streams, [""] * n)
         choices = [
             ChatChoice(index=i, message=ResponseMessage(content=texts[i]), finish_reason=finish[i],
-                       logprobs=self._chat_logprobs(logprobs[i]) if body.logprobs else None)
+                       logprobs=self.chat_logprobs(logprobs[i]) if body.logprobs else None)
             for i in range(n)
         ]
         return ChatCompletionResponse(id=new_id("chatcmpl"), created=now(), model=self.model_name,
@@ -320,35 +343,7 @@ class OpenAIServing:
         """Validate and submit now (errors raise before any byte is sent); return the SSE lines."""
         prepared = self._prepare_chat(body)
         streams = self._submit(prepared)
-        return self._chat_sse(body, streams)
-
-    async def _chat_sse(self, body: ChatCompletionRequest, streams: list[RequestStream]) -> AsyncIterator[str]:
-        rid, created = new_id("chatcmpl"), now()
-        exclude = chunk_exclude(body.include_usage)
-        text_chunk = TextChunks(True, rid, created, self.model_name, body.include_usage)
-
-        def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
-            return sse(ChatCompletionChunk(id=rid, created=created, model=self.model_name, choices=choices,
-                                           usage=usage), exclude)
-
-        try:
-            for i in range(body.n or 1):
-                yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
-            async for index, event in self._events(streams):
-                if event.text and not body.logprobs:
-                    yield text_chunk(index, event.text)
-                elif event.text or (body.logprobs and event.logprobs):
-                    lps = self._chat_logprobs(event.logprobs) if body.logprobs else None
-                    yield chunk([ChatChunkChoice(index=index, delta=DeltaMessage(content=event.text), logprobs=lps)])
-                if event.finish_reason is not None:
-                    yield chunk([ChatChunkChoice(index=index, delta=DeltaMessage(), finish_reason=event.finish_reason)])
-            if body.include_usage:
-                yield chunk([], usage=self._usage(streams))
-        except Exception as exc:
-            yield sse(to_api_error(exc).body())
-        finally:  # also when the client hangs up before the first engine event is read
-            self._abort_unfinished(streams)
-        yield DONE
+        return self._sse(streams, ChatChunks(self, body))
 
     # ---------- completions ----------
 
@@ -361,7 +356,7 @@ class OpenAIServing:
         texts, logprobs, finish = await self._collect(streams, echoed)
         choices = [
             CompletionChoice(index=i, text=texts[i], finish_reason=finish[i],
-                             logprobs=self._completion_logprobs(logprobs[i], 0) if body.logprobs is not None else None)
+                             logprobs=self.completion_logprobs(logprobs[i], 0) if body.logprobs is not None else None)
             for i in range(total)
         ]
         return CompletionResponse(id=new_id("cmpl"), created=now(), model=self.model_name, choices=choices,
@@ -370,47 +365,17 @@ class OpenAIServing:
     def completion_stream(self, body: CompletionRequest) -> AsyncIterator[str]:
         prepared = self._prepare_completion(body)
         streams = self._submit(prepared)
-        return self._completion_sse(body, prepared, streams)
+        return self._sse(streams, CompletionChunks(self, body, prepared.prompt_texts, len(streams)))
 
-    async def _completion_sse(self, body: CompletionRequest, prepared: _Prepared,
-                              streams: list[RequestStream]) -> AsyncIterator[str]:
-        rid, created = new_id("cmpl"), now()
-        n = body.n or 1
-        exclude = chunk_exclude(body.include_usage)
-        text_chunk = TextChunks(False, rid, created, self.model_name, body.include_usage)
-        offsets = [0] * (n * len(streams))
+    # ---------- the native BentoML APIs ----------
 
-        def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
-            return sse(CompletionResponse(id=rid, created=created, model=self.model_name, choices=choices,
-                                          usage=usage), exclude)
+    def generate(self, body: GenerateRequest) -> AsyncIterator[str]:
+        """Plain text deltas of the completion of one prompt (validated and submitted now)."""
+        request = CompletionRequest(model=self.model_name, **body.model_dump(exclude_none=True))
+        streams = self._submit(self._prepare_completion(request))
+        return self._text(streams)
 
-        try:
-            if body.echo:
-                for i in range(n * len(streams)):
-                    yield chunk([CompletionChoice(index=i, text=prepared.prompt_texts[i // n])])
-            async for index, event in self._events(streams):
-                if event.text and body.logprobs is None:
-                    yield text_chunk(index, event.text)
-                elif event.text or event.logprobs:
-                    lps = None
-                    if body.logprobs is not None:
-                        lps = self._completion_logprobs(event.logprobs, offsets[index])
-                    offsets[index] += len(event.text)
-                    yield chunk([CompletionChoice(index=index, text=event.text, logprobs=lps)])
-                if event.finish_reason is not None:
-                    yield chunk([CompletionChoice(index=index, text="", finish_reason=event.finish_reason)])
-            if body.include_usage:
-                yield chunk([], usage=self._usage(streams))
-        except Exception as exc:
-            yield sse(to_api_error(exc).body())
-        finally:  # also when the client hangs up before the first engine event is read
-            self._abort_unfinished(streams)
-        yield DONE
-
-    async def text_stream(self, body: CompletionRequest) -> AsyncIterator[str]:
-        """Plain text deltas of a one-prompt, one-choice completion (the native `generate` API)."""
-        prepared = self._prepare_completion(body)
-        streams = self._submit(prepared)
+    async def _text(self, streams: list[RequestStream]) -> AsyncIterator[str]:
         try:
             async for _, event in self._events(streams):
                 if event.text:
@@ -418,3 +383,101 @@ class OpenAIServing:
         finally:
             self._abort_unfinished(streams)
 
+    async def chat_reply(self, body: ChatRequest) -> ChatReply:
+        """One reply to a conversation, with its finish reason and usage."""
+        request = ChatCompletionRequest(model=self.model_name, **body.model_dump(exclude_none=True))
+        response = await self.chat(request)
+        choice = response.choices[0]
+        return ChatReply(reply=choice.message.content or "", finish_reason=choice.finish_reason,
+                         usage=response.usage)
+
+
+class ChunkFormat:
+    """How one endpoint frames its stream: what `OpenAIServing._sse` asks of it."""
+
+    include_usage: bool
+
+    def opening(self) -> list[str]:
+        return []
+
+    def delta(self, index: int, event: ChoiceEvent) -> str | None:
+        raise NotImplementedError
+
+    def finish(self, index: int, reason: FinishReason) -> str:
+        raise NotImplementedError
+
+    def usage(self, usage: Usage) -> str:
+        raise NotImplementedError
+
+
+class ChatChunks(ChunkFormat):
+    """`chat.completion.chunk`s: a role chunk per choice first, content deltas, one finish chunk per choice."""
+
+    def __init__(self, serving: OpenAIServing, body: ChatCompletionRequest) -> None:
+        self.serving, self.body = serving, body
+        self.include_usage = body.include_usage
+        self.rid, self.created = new_id("chatcmpl"), now()
+        self.exclude = chunk_exclude(body.include_usage)
+        self.text = TextChunks(True, self.rid, self.created, serving.model_name, body.include_usage)
+
+    def _chunk(self, choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
+        return sse(ChatCompletionChunk(id=self.rid, created=self.created, model=self.serving.model_name,
+                                       choices=choices, usage=usage), self.exclude)
+
+    def opening(self) -> list[str]:
+        return [self._chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
+                for i in range(self.body.n or 1)]
+
+    def delta(self, index: int, event: ChoiceEvent) -> str | None:
+        if event.text and not self.body.logprobs:
+            return self.text(index, event.text)
+        if event.text or (self.body.logprobs and event.logprobs):
+            lps = self.serving.chat_logprobs(event.logprobs) if self.body.logprobs else None
+            return self._chunk([ChatChunkChoice(index=index, delta=DeltaMessage(content=event.text), logprobs=lps)])
+        return None
+
+    def finish(self, index: int, reason: FinishReason) -> str:
+        return self._chunk([ChatChunkChoice(index=index, delta=DeltaMessage(), finish_reason=reason)])
+
+    def usage(self, usage: Usage) -> str:
+        return self._chunk([], usage=usage)
+
+
+class CompletionChunks(ChunkFormat):
+    """`text_completion` chunks: the echoed prompts first (with `echo`), text deltas, one finish chunk per choice."""
+
+    def __init__(self, serving: OpenAIServing, body: CompletionRequest, prompt_texts: list[str], prompts: int) -> None:
+        self.serving, self.body, self.prompt_texts = serving, body, prompt_texts
+        self.include_usage = body.include_usage
+        self.n = body.n or 1
+        self.rid, self.created = new_id("cmpl"), now()
+        self.exclude = chunk_exclude(body.include_usage)
+        self.text = TextChunks(False, self.rid, self.created, serving.model_name, body.include_usage)
+        self.offsets = [0] * (self.n * prompts)
+
+    def _chunk(self, choices: list[CompletionChoice], usage: Usage | None = None) -> str:
+        return sse(CompletionResponse(id=self.rid, created=self.created, model=self.serving.model_name,
+                                      choices=choices, usage=usage), self.exclude)
+
+    def opening(self) -> list[str]:
+        if not self.body.echo:
+            return []
+        return [self._chunk([CompletionChoice(index=i, text=self.prompt_texts[i // self.n])])
+                for i in range(len(self.offsets))]
+
+    def delta(self, index: int, event: ChoiceEvent) -> str | None:
+        if event.text and self.body.logprobs is None:
+            return self.text(index, event.text)
+        if event.text or event.logprobs:
+            lps = None
+            if self.body.logprobs is not None:
+                lps = self.serving.completion_logprobs(event.logprobs, self.offsets[index])
+            self.offsets[index] += len(event.text)
+            return self._chunk([CompletionChoice(index=index, text=event.text, logprobs=lps)])
+        return None
+
+    def finish(self, index: int, reason: FinishReason) -> str:
+        return self._chunk([CompletionChoice(index=index, text="", finish_reason=reason)])
+
+    def usage(self, usage: Usage) -> str:
+        return self._chunk([], usage=usage)

@@ -26,7 +26,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .batch import RunningBatch
 from .cuda_graphs import Capture, DecodeGraphs
-from .falcon import FalconRunner
+from .falcon import FalconRunner, context_length
 from .request import ChoiceEvent, EngineError, EngineObserver, FinishReason, GenerationRequest, RequestRecord
 from .sampling import SampledOnHost, SamplingParams, TokenLogprob, sample
 from .scheduler import BatchLimits, BatchLoad, Demand, PrefillChunk, QueueFullError, Scheduler, StepPlan
@@ -69,7 +69,7 @@ class Engine:
         self.threads = threads
         self.observer = observer
         self.tokenizer = tokenizer
-        self.max_model_len = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
+        self.max_model_len = context_length(model.config)
         self.eos_token_id = tokenizer.eos_token_id
         self.vocab_size = model.config.vocab_size
         # every row of the KV cache can hold a whole context: the token budget decides the rows

@@ -49,6 +49,11 @@ def check_architecture(config) -> None:
                                     + ", ".join(problems))
 
 
+def context_length(config) -> int:
+    """Tokens one sequence may hold, prompt and output together (2,048 for Falcon-7B)."""
+    return int(getattr(config, "max_position_embeddings", 2048) or 2048)
+
+
 Linear = Callable[[torch.Tensor], torch.Tensor]
 
 

@@ -1,4 +1,5 @@
-"""Loading a checkpoint onto its device: the dtype, a memory check before anything is read, the load itself.
+"""Loading a checkpoint onto its device and starting the engine over it: the dtype, a memory check
+before any weight is read, the load, the KV budget.
 
 The memory check exists because the alternative is bad: a Falcon-7B checkpoint loaded as float32
 on a 24 GB CPU machine (27.7 GB of weights) froze the whole machine for 25 minutes, no error.
@@ -9,14 +10,17 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import struct
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 
-from .kv_cache import available_memory, kv_bytes_per_token
+from .falcon import FalconRunner, check_architecture, context_length
+from .kv_cache import available_memory, default_kv_budget, kv_bytes_per_token
 
 log = logging.getLogger(__name__)
 
@@ -129,8 +133,7 @@ def estimate_memory(path: str | Path, config, device: str, dtype: torch.dtype, k
     weight_bytes = checkpoint_parameters(path) * dtype.itemsize
     if device == "cpu":
         weight_bytes += config.vocab_size * config.hidden_size * dtype.itemsize
-    max_len = int(getattr(config, "max_position_embeddings", 2048) or 2048)
-    kv_bytes = (kv_tokens + 2 * max_len) * kv_bytes_per_token(config, dtype)
+    kv_bytes = (kv_tokens + 2 * context_length(config)) * kv_bytes_per_token(config, dtype)
     # activations of the largest step and the logits: a few hundred MiB for Falcon-7B at 64 rows
     overhead = GIB // 2 + weight_bytes // 20
     if available is None:
@@ -149,3 +152,53 @@ def load_model(path: str | Path, device: str, dtype: torch.dtype):
     log.info("loaded %s as %s on %s in %.1f s", path, str(dtype).removeprefix("torch."), device,
              time.perf_counter() - start)
     return model, tokenizer
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How to load and run a model (the service builds it from its settings)."""
+
+    device: str = "auto"  # auto: CUDA when present
+    dtype: str = "auto"  # see `choose_dtype`
+    max_batch_size: int = 64
+    max_batch_tokens: int | None = None  # default: from free memory
+    kv_cache_memory_fraction: float = 0.5
+    max_prefill_tokens: int = 512
+    max_queue_size: int = 256
+    torch_threads: int | None = None  # CPU: default all usable cores
+    cuda_graphs: bool = True
+
+
+def load_engine(path: str | Path, options: EngineOptions, observer=None):
+    """Check, load and start: returns a ready `Engine` (decode graphs captured), or raises saying why not."""
+    import torch
+    from transformers import AutoConfig
+
+    from .engine import Engine
+    from .scheduler import BatchLimits
+
+    started = time.perf_counter()
+    config = AutoConfig.from_pretrained(path)
+    check_architecture(config)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if options.device == "auto" else options.device
+    max_len = context_length(config)
+    # before reading any weight: will they and the smallest KV cache fit? (else fail now, saying why)
+    kv_tokens = options.max_batch_tokens or max_len
+    float32_fits = estimate_memory(path, config, device, torch.float32, kv_tokens).fits
+    dtype = choose_dtype(options.dtype, device, checkpoint_dtype(path), cpu_has_fast_bf16(), float32_fits)
+    estimate = estimate_memory(path, config, device, dtype, kv_tokens)
+    log.info("%s needs %s", path, estimate.describe())
+    estimate.check()
+    model, tokenizer = load_model(path, device, dtype)
+    budget = options.max_batch_tokens or default_kv_budget(
+        model.config, model.dtype, model.device, options.kv_cache_memory_fraction, options.max_batch_size, max_len)
+    limits = BatchLimits(options.max_batch_size, budget, options.max_prefill_tokens, options.max_queue_size)
+    threads = options.torch_threads or len(os.sched_getaffinity(0))
+    engine = Engine(model, tokenizer, limits, observer=observer,
+                    runner_factory=partial(FalconRunner, release_weights=True),
+                    threads=threads if device == "cpu" else None, cuda_graphs=options.cuda_graphs and device == "cuda")
+    if engine.graphs is not None:
+        log.info("captured decode graphs in %.1f s", engine.capture_graphs())
+    log.info("ready on %s (%s) in %.1f s; KV budget %d tokens in %d rows", device, str(dtype).removeprefix("torch."),
+             time.perf_counter() - started, budget, engine.limits.max_batch_size)
+    return engine
