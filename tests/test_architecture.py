@@ -1,0 +1,71 @@
+"""docs/architecture.md stays true: its map lists exactly the package's files, the scripts, and
+top-level entries that exist; the layers import only downwards."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "architecture.md"
+
+
+def mapped_paths() -> set[str]:
+    """Paths of the map's code block: indentation nests a line under the last folder above it."""
+    block = re.search(r"## The map.*?```text\n(.*?)```", DOC.read_text(), flags=re.S)
+    assert block, "docs/architecture.md has no map"
+    paths, folders = set(), {}
+    for line in block.group(1).splitlines():
+        if not line.strip():
+            continue
+        depth = (len(line) - len(line.lstrip(" "))) // 2
+        name = line.split()[0]
+        parent = folders.get(depth - 1, "") if depth else ""
+        path = parent + name
+        paths.add(path.rstrip("/"))
+        if name.endswith("/"):
+            folders[depth] = path
+    return paths
+
+
+def test_the_map_lists_every_file_of_the_package_and_no_other():
+    listed = {p for p in mapped_paths() if p.startswith("falcon_service/") and p.endswith(".py")}
+    actual = {str(p.relative_to(ROOT)) for p in (ROOT / "falcon_service").rglob("*.py")
+              if p.name != "__init__.py"}
+    assert listed == actual
+
+
+def test_the_map_lists_every_script_and_its_entries_exist():
+    listed = {p for p in mapped_paths() if p.startswith("scripts/") and p != "scripts"}
+    assert listed == {str(p.relative_to(ROOT)) for p in (ROOT / "scripts").iterdir() if p.is_file()}
+    for path in mapped_paths():
+        assert (ROOT / path).exists(), f"the map lists {path}, which does not exist"
+
+
+def _imports(path: Path) -> set[str]:
+    """Modules of falcon_service this file imports (relative imports resolved)."""
+    package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                found.add(".".join([*base, node.module] if node.module else base))
+            elif node.module:
+                found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return found
+
+
+def test_layers_import_only_downwards():
+    forbidden = {
+        "falcon_service/engine": ("falcon_service.api", "falcon_service.service", "falcon_service.config",
+                                  "falcon_service.metrics", "bentoml", "fastapi", "starlette", "pydantic"),
+        "falcon_service/api": ("falcon_service.service", "bentoml"),
+    }
+    for folder, banned in forbidden.items():
+        for path in (ROOT / folder).rglob("*.py"):
+            bad = {m for m in _imports(path) if m.startswith(banned)}
+            assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
