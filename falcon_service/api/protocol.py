@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator, model_validator
 
@@ -18,6 +18,7 @@ from ..engine.request import FinishReason
 MAX_STOP_SEQUENCES = 4
 MAX_N = 16
 MAX_TOP_LOGPROBS = 20
+ChoiceT = TypeVar("ChoiceT")
 
 
 class OpenAIBaseModel(BaseModel):
@@ -218,14 +219,21 @@ class ChatChoice(BaseModel):
     finish_reason: FinishReason | None = None
 
 
-class ChatCompletionResponse(BaseModel):
+class Envelope(BaseModel, Generic[ChoiceT]):
+    """What every response and chunk carries around its choices, in OpenAI's order."""
+
     id: str
-    object: Literal["chat.completion"] = "chat.completion"
+    object: str
     created: int
     model: str
-    choices: list[ChatChoice]
-    usage: Usage
+    choices: list[ChoiceT]
+    usage: Usage | None = None
     system_fingerprint: str | None = None
+
+
+class ChatCompletionResponse(Envelope[ChatChoice]):
+    object: Literal["chat.completion"] = "chat.completion"
+    usage: Usage
 
 
 class DeltaMessage(BaseModel):
@@ -245,14 +253,8 @@ class ChatChunkChoice(BaseModel):
         return delta.model_dump(exclude_none=True)
 
 
-class ChatCompletionChunk(BaseModel):
-    id: str
+class ChatCompletionChunk(Envelope[ChatChunkChoice]):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
-    choices: list[ChatChunkChoice]
-    usage: Usage | None = None
-    system_fingerprint: str | None = None
 
 
 class CompletionLogprobs(BaseModel):
@@ -269,14 +271,8 @@ class CompletionChoice(BaseModel):
     finish_reason: FinishReason | None = None
 
 
-class CompletionResponse(BaseModel):
-    id: str
+class CompletionResponse(Envelope[CompletionChoice]):
     object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage | None = None
-    system_fingerprint: str | None = None
 
 
 class ModelCard(BaseModel):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -50,6 +50,14 @@ def _respond(result: BaseModel | AsyncIterator[str]) -> JSONResponse | Streaming
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
+async def _answer(request: Request, stream: bool | None, streamed: Callable[[], AsyncIterator[str]],
+                  whole: Callable[[], Awaitable[BaseModel]]) -> JSONResponse | StreamingResponse:
+    """SSE lines when the body asks to stream, else the whole response (cancelled if the client leaves)."""
+    if stream:
+        return _respond(streamed())
+    return _respond(await _until_disconnect(request, whole()))
+
+
 def build_router() -> APIRouter:
     router = APIRouter(prefix="/v1", dependencies=[Depends(_check_api_key)])
 
@@ -60,16 +68,13 @@ def build_router() -> APIRouter:
     @router.post("/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         serving = _serving(request)
-        if body.stream:
-            return _respond(serving.chat_stream(body))
-        return _respond(await _until_disconnect(request, serving.chat(body)))
+        return await _answer(request, body.stream, lambda: serving.chat_stream(body), lambda: serving.chat(body))
 
     @router.post("/completions")
     async def completions(body: CompletionRequest, request: Request):
         serving = _serving(request)
-        if body.stream:
-            return _respond(serving.completion_stream(body))
-        return _respond(await _until_disconnect(request, serving.completion(body)))
+        return await _answer(request, body.stream, lambda: serving.completion_stream(body),
+                             lambda: serving.completion(body))
 
     @router.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
     async def unknown(path: str) -> JSONResponse:
