@@ -25,12 +25,16 @@ class Settings(BaseModel):
     )
     max_batch_size: int = Field(64, ge=1, description="sequences decoding together (each of n choices counts)")
     max_batch_tokens: int | None = Field(
-        None, ge=1, description="KV-cache token budget of the batch; default: derived from free memory"
+        None, ge=1, description="KV-cache token budget (running sequences and cached prefixes); default: derived "
+        "from free memory, up to twice max_batch_size contexts with prefix caching"
     )
     kv_cache_memory_fraction: float = Field(
         0.5, gt=0, le=0.95, description="share of free memory the default KV-cache budget may use"
     )
     cuda_graphs: bool = Field(True, description="replay decode steps as CUDA graphs (GPU only)")
+    prefix_caching: bool = Field(
+        True, description="reuse the KV cache of prompt prefixes already computed (shared system prompts, chat history)"
+    )
     torch_threads: int | None = Field(
         None, ge=1, description="CPU threads of the engine's torch work; default: all cores the process may use"
     )

@@ -76,7 +76,7 @@ class ControlledModel:
             raise RuntimeError("injected forward failure")
         self.calls.append(shape)
 
-    def runner_factory(self, model, rows: int, max_len: int):
+    def runner_factory(self, model, rows: int, max_len: int, **options):
         from falcon_service.engine.falcon import FalconRunner
 
         controlled = self
@@ -89,7 +89,7 @@ class ControlledModel:
                     controlled._gate((prefill.n, prefill.width_q, prefill.width_k))
                 return super().forward(decode, prefill)
 
-        return ControlledRunner(model, rows, max_len)
+        return ControlledRunner(model, rows, max_len, **options)
 
 
 @pytest.fixture

@@ -79,3 +79,25 @@ async def test_metrics_follow_requests(engine_and_registry, tiny_tokenizer) -> N
     assert value(reg, "falcon_requests_waiting") == 0
     assert value(reg, "falcon_kv_cache_tokens") == 0
     assert value(reg, "falcon_requests_finished_total", finish_reason="abort") == 1
+
+
+async def test_prefix_cache_hit_rate_and_kept_tokens(tiny_checkpoint, tiny_tokenizer) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint)
+    reg = CollectorRegistry()
+    engine = Engine(model, tiny_tokenizer, BatchLimits(2, 4 * 2048, 2048, 4), observer=ServiceMetrics(MODEL, reg),
+                    prefix_caching=True)
+    try:
+        system = list(range(10, 10 + 48))  # three blocks
+        params = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+        for suffix in ([1, 2, 3], [4, 5, 6, 7]):
+            stream = engine.submit(GenerationRequest(tuple(system + suffix), params))
+            async for _ in stream:
+                pass
+        assert stream.cached_tokens == 48
+        assert value(reg, "falcon_prefix_cache_queries_total") == 51 + 52
+        assert value(reg, "falcon_prefix_cache_hits_total") == 48
+        assert value(reg, "falcon_prefix_cache_hit_rate") == pytest.approx(48 / 103)
+        # both finished rows are kept for reuse: prompt + output, less the last token (never fed)
+        assert await eventually(lambda: value(reg, "falcon_prefix_cache_tokens") == (51 + 1) + (52 + 1))
+    finally:
+        engine.shutdown()

@@ -39,6 +39,7 @@ from .protocol import (
     ModelCard,
     ModelList,
     OpenAIRequest,
+    PromptTokensDetails,
     ResponseMessage,
     SamplingFields,
     TopLogprob,
@@ -246,7 +247,9 @@ class OpenAIServing:
     def _usage(streams: Seq[RequestStream]) -> Usage:
         prompt = sum(s.prompt_tokens for s in streams)
         completion = sum(s.completion_tokens for s in streams)
-        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+        cached = PromptTokensDetails(cached_tokens=sum(s.cached_tokens for s in streams))
+        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                     prompt_tokens_details=cached)
 
     @staticmethod
     async def _events(streams: Seq[RequestStream]) -> AsyncIterator[tuple[int, ChoiceEvent]]:

@@ -1,17 +1,23 @@
-"""The running batch: which KV-cache rows hold which sequences; add (prefill), step (decode), remove.
+"""The running batch over the KV cache's row pool: add (prefill), step (decode), remove; and the
+prefixes that finished sequences leave behind for new prompts to reuse.
 
-Each sequence owns one row of the runner's preallocated cache, and the rows in use are kept
-compact at the front (0..size-1), so a decode step reads the cache as views, with no copy. A
-sequence that leaves has its row refilled by the last row; nothing else moves. A row's
-positions start at 0 whatever the other rows hold, so results do not depend on the batch.
+Each running sequence owns one row of the runner's preallocated cache, and the running rows are
+kept compact at the front (0..size-1), so a decode step reads the cache as views, with no copy. A
+sequence that leaves has its row refilled by the last running row. A row's positions start at 0
+whatever the other rows hold, so results do not depend on the batch.
+
+Prefix reuse (`prefix_caching`): the pool's other rows hold the tokens of finished sequences, kept
+from the top of the pool down while there is room, least recently used evicted first; running
+rows are never evicted. A new prompt whose start is held by any row, running or idle, gets those
+positions' keys and values copied into its own row and prefills only the rest.
 
 The host keeps each row's length; the device keeps the runner's decode buffers in step with it
 (lengths, where each row writes, the token each row feeds next). The tokens a step samples stay
 on the device and become the next step's input (`set_tokens`), so a decode step needs nothing
 from the host but the batch's shape.
 
-The staging row (after the batch's rows) holds a prompt too long for one step, prefilled there a
-chunk at a time between decode steps of the batch; it joins the batch once it is complete.
+The staging row (after the pool) holds a prompt too long for one step, prefilled there a chunk at
+a time between decode steps of the batch; it joins the batch once it is complete.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from collections.abc import Sequence as Seq
 import torch
 
 from .falcon import FalconRunner
+from .prefix_cache import PrefixCache, PrefixMatch
 
 DecodeFn = Callable[[int, int], torch.Tensor]  # (rows, attention width) -> logits
 
@@ -33,10 +40,12 @@ class RunningBatch:
     passes CUDA-graph replay on a GPU).
     """
 
-    def __init__(self, runner: FalconRunner, decode_fn: DecodeFn | None = None) -> None:
+    def __init__(self, runner: FalconRunner, decode_fn: DecodeFn | None = None, prefix_caching: bool = False) -> None:
         self.runner = runner
         self.io = runner.io
-        self.lengths: list[int] = []  # tokens cached per row
+        self.lengths: list[int] = []  # tokens cached per running row
+        self.idle: dict[int, int] = {}  # rows past the running ones that keep a finished prefix: length
+        self.prefixes = PrefixCache() if prefix_caching else None
         self._decode = decode_fn or runner.decode
         self._sync_buffers()
 
@@ -49,13 +58,22 @@ class RunningBatch:
         return self.runner.batch_rows
 
     @property
+    def pool_rows(self) -> int:
+        return self.runner.cache.pool_rows
+
+    @property
     def staging_row(self) -> int:
         return self.runner.cache.staging_row
 
     @property
     def cache_tokens(self) -> int:
-        """Tokens held in the KV cache."""
+        """Tokens the running sequences hold in the KV cache."""
         return sum(self.lengths)
+
+    @property
+    def idle_tokens(self) -> int:
+        """Tokens kept for reuse in idle rows."""
+        return sum(self.idle.values())
 
     def _sync_buffers(self) -> None:
         """Upload each row's length and write row after the batch's rows changed; unused slots get
@@ -75,11 +93,90 @@ class RunningBatch:
         """Positions a decode step attends over: each row's cache plus its new token."""
         return max(self.lengths) + 1
 
-    def add(self, prompts: Seq[Seq[int]], repeats: Seq[int]) -> torch.Tensor:
-        """Prefill each prompt once into new rows at the end; prompt i then fills `repeats[i]` rows
-        (n choices share the prefill). Returns the next-token logits, one row per new row."""
-        firsts = self._new_rows(repeats)
-        logits = self.runner.prefill(firsts, prompts, [0] * len(prompts))
+    # ---- prefixes ----
+
+    def lookup(self, prompt: Seq[int]) -> PrefixMatch | None:
+        """The longest cached start of `prompt` (in whole blocks; never the whole prompt), if any."""
+        return self.prefixes.lookup(prompt) if self.prefixes is not None else None
+
+    def _valid(self, match: PrefixMatch | None) -> PrefixMatch | None:
+        """`match`, if its prefix is still held (making room may have evicted it)."""
+        if match is None or self.prefixes is None or self.prefixes.get(match.prefix.row) is not match.prefix:
+            return None
+        return match
+
+    def _free_row(self, avoid: range) -> int | None:
+        """The highest pool row that is neither running, idle nor in `avoid`."""
+        for row in range(self.pool_rows - 1, self.size - 1, -1):
+            if row not in self.idle and row not in avoid:
+                return row
+        return None
+
+    def _move(self, src: int, dst: int, length: int) -> None:
+        self.runner.cache.copy_row(src, dst, length)
+        if self.prefixes is not None:
+            self.prefixes.move(src, dst)
+
+    def _evict(self, row: int) -> None:
+        self.idle.pop(row, None)
+        if self.prefixes is not None:
+            self.prefixes.drop(row)
+
+    def _least_recently_used(self, exclude: range, pinned: set[int], also: int | None = None) -> int | None:
+        """The idle row to evict first, outside `exclude` and `pinned` (or `also`, whatever it is)."""
+        candidates = [r for r in self.idle if r not in exclude and r not in pinned]
+        if also is not None:
+            candidates.append(also)
+        if not candidates:
+            return None
+        assert self.prefixes is not None
+        return self.prefixes.least_recently_used(candidates)
+
+    def _make_room(self, count: int, matches: Seq[PrefixMatch | None] = ()) -> None:
+        """Free rows size..size+count-1 for new running rows: an idle row there moves to a free row
+        further up, or over the least recently used idle row (evicted), or is evicted itself."""
+        if self.size + count > self.capacity:
+            raise RuntimeError(f"batch of {self.capacity} rows is full")
+        needed = range(self.size, self.size + count)
+        pinned = {m.prefix.row for m in matches if m is not None}  # copied from in this step: keep if possible
+        for row in needed:
+            if row not in self.idle:
+                continue
+            target = self._free_row(needed)
+            if target is None:  # the pool is full: the least recently used idle row goes, this one or another
+                victim = self._least_recently_used(needed, pinned | {row}, also=None if row in pinned else row)
+                if victim is None or victim == row:
+                    self._evict(row)
+                    continue
+                self._evict(victim)
+                target = victim
+            length = self.idle.pop(row)
+            self._move(row, target, length)
+            self.idle[target] = length
+
+    def _keep(self, row: int, length: int, tokens: Seq[int]) -> None:
+        """Keep the finished running row `row` (its first `length` of `tokens`) in an idle row, if there is room
+        or a less recently used idle row to give way."""
+        assert self.prefixes is not None
+        target = self._free_row(range(0))
+        if target is None:
+            target = self._least_recently_used(range(0), set())
+            if target is None:
+                return
+            self._evict(target)
+        self.runner.cache.copy_row(row, target, length)
+        self.prefixes.idle(target, tokens[:length])
+        self.idle[target] = length
+
+    # ---- steps ----
+
+    def add(self, prompts: Seq[Seq[int]], repeats: Seq[int], matches: Seq[PrefixMatch | None] | None = None
+            ) -> torch.Tensor:
+        """Prefill each prompt once into new rows at the end (after what `matches` says is cached); prompt
+        i then fills `repeats[i]` rows (n choices share the prefill). Returns the next-token logits, one
+        row per new row."""
+        firsts, chunks, offsets = self._place(prompts, repeats, matches)
+        logits = self.runner.prefill(firsts, chunks, offsets)
         return self._fill(firsts, prompts, repeats, logits)
 
     def step(self, tokens: Seq[int] | None = None) -> torch.Tensor:
@@ -91,14 +188,14 @@ class RunningBatch:
         self._advance()
         return logits
 
-    def step_and_add(self, tokens: Seq[int] | None, prompts: Seq[Seq[int]], repeats: Seq[int]
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    def step_and_add(self, tokens: Seq[int] | None, prompts: Seq[Seq[int]], repeats: Seq[int],
+                     matches: Seq[PrefixMatch | None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """`step` for the running rows and `add` for new prompts, in one pass over the weights."""
         if tokens is not None:
             self.set_tokens(0, tokens)
         count, width = self.size, self._width()
-        firsts = self._new_rows(repeats)
-        decoded, prefilled = self.runner.decode_and_prefill(count, width, firsts, prompts, [0] * len(prompts))
+        firsts, chunks, offsets = self._place(prompts, repeats, matches)
+        decoded, prefilled = self.runner.decode_and_prefill(count, width, firsts, chunks, offsets)
         self._advance()
         return decoded, self._fill(firsts, prompts, repeats, prefilled)
 
@@ -106,22 +203,32 @@ class RunningBatch:
         self.runner.lengths[: self.size] += 1
         self.lengths = [n + 1 for n in self.lengths]
 
-    def _new_rows(self, repeats: Seq[int]) -> list[int]:
-        """The first of the rows at the end that each prompt will fill."""
-        if self.size + sum(repeats) > self.capacity:
-            raise RuntimeError(f"batch of {self.capacity} rows is full")
-        firsts, row = [], self.size
-        for r in repeats:
+    def _place(self, prompts: Seq[Seq[int]], repeats: Seq[int], matches: Seq[PrefixMatch | None] | None
+               ) -> tuple[list[int], list[Seq[int]], list[int]]:
+        """Rows for the new prompts; their cached starts copied in. Returns each prompt's first row, the
+        tokens left to prefill and where they start."""
+        matches = list(matches) if matches is not None else [None] * len(prompts)
+        self._make_room(sum(repeats), matches)
+        firsts, chunks, offsets, row = [], [], [], self.size
+        for prompt, r, match in zip(prompts, repeats, matches, strict=True):
+            match = self._valid(match)
+            start = match.length if match is not None else 0
+            if match is not None:
+                self.runner.cache.copy_row(match.prefix.row, row, start)
             firsts.append(row)
+            chunks.append(prompt[start:])
+            offsets.append(start)
             row += r
-        return firsts
+        return firsts, chunks, offsets
 
     def _fill(self, firsts: list[int], prompts: Seq[Seq[int]], repeats: Seq[int], logits: torch.Tensor
               ) -> torch.Tensor:
         """Copy each prefilled row to its repeats; returns the logits, one row per new row."""
         for first, prompt, r in zip(firsts, prompts, repeats, strict=True):
-            for extra in range(first + 1, first + r):
-                self.runner.cache.copy_row(first, extra, len(prompt))
+            for row in range(first, first + r):
+                self.runner.cache.copy_row(first, row, len(prompt))
+                if self.prefixes is not None:
+                    self.prefixes.put(row, prompt)
             self.lengths += [len(prompt)] * r
         self._sync_buffers()
         if any(r != 1 for r in repeats):
@@ -129,26 +236,36 @@ class RunningBatch:
             logits = logits.index_select(0, self.io.upload(index, torch.long))
         return logits
 
-    def stage(self, chunk: Seq[int], offset: int) -> torch.Tensor:
-        """Prefill the next chunk of a long prompt (tokens `offset`..) into the staging row."""
+    def stage(self, chunk: Seq[int], offset: int, match: PrefixMatch | None = None) -> torch.Tensor:
+        """Prefill the next chunk of a long prompt (tokens `offset`..) into the staging row; the first chunk
+        after a cached start (`match`, of `offset` tokens) copies it in first."""
+        match = self._valid(match)
+        if match is not None:
+            self.runner.cache.copy_row(match.prefix.row, self.staging_row, match.length)
         return self.runner.prefill([self.staging_row], [chunk], [offset])
 
-    def adopt_staged(self, length: int, repeats: int) -> None:
-        """The staged prompt (`length` tokens) joins the batch, in `repeats` new rows at the end."""
-        if self.size + repeats > self.capacity:
-            raise RuntimeError(f"batch of {self.capacity} rows is full")
+    def adopt_staged(self, prompt: Seq[int], repeats: int) -> None:
+        """The staged prompt joins the batch, in `repeats` new rows at the end."""
+        self._make_room(repeats)
         for row in range(self.size, self.size + repeats):
-            self.runner.cache.copy_row(self.staging_row, row, length)
-        self.lengths += [length] * repeats
+            self.runner.cache.copy_row(self.staging_row, row, len(prompt))
+            if self.prefixes is not None:
+                self.prefixes.put(row, prompt)
+        self.lengths += [len(prompt)] * repeats
         self._sync_buffers()
 
-    def remove(self, rows: Seq[int]) -> list[int]:
-        """Free the given rows; returns `order`: row i now holds what row `order[i]` held."""
+    def remove(self, rows: Seq[int], keep: dict[int, Seq[int]] | None = None) -> list[int]:
+        """Free the given rows; `keep` gives, for rows whose prefix is worth keeping, the tokens they hold
+        (prompt and output). Returns `order`: row i now holds what row `order[i]` held."""
         order = list(range(self.size))
         for row in sorted(set(rows), reverse=True):
+            if self.prefixes is not None:
+                if keep and row in keep:
+                    self._keep(row, self.lengths[row], keep[row])
+                self.prefixes.drop(row)
             last = len(order) - 1
             if row != last:
-                self.runner.cache.copy_row(last, row, self.lengths[last])
+                self._move(last, row, self.lengths[last])
                 order[row] = order[last]
                 self.lengths[row] = self.lengths[last]
             order.pop()

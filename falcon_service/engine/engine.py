@@ -27,6 +27,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from .batch import RunningBatch
 from .cuda_graphs import Capture, DecodeGraphs
 from .falcon import FalconRunner, context_length
+from .prefix_cache import PrefixMatch
 from .request import ChoiceEvent, EngineError, EngineObserver, FinishReason, GenerationRequest, RequestRecord
 from .sampling import SampledOnHost, SamplingParams, TokenLogprob, sample
 from .scheduler import BatchLimits, BatchLoad, Demand, PrefillChunk, QueueFullError, Scheduler, StepPlan
@@ -57,13 +58,16 @@ class Engine:
     `cuda_graphs` and `overlap` default to on for a CUDA model and off on the CPU (where there is
     no launch overhead to save and no device to overlap with). `graph_capture` replaces the CUDA
     graph capture (tests replay decode steps through the same buckets on a CPU).
+
+    The KV budget (`limits.max_batch_tokens`) buys whole-context rows. At most `max_batch_size` run;
+    with `prefix_caching` the others keep finished sequences' prefixes for new prompts to reuse.
     """
 
     def __init__(
         self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, limits: BatchLimits,
         observer: EngineObserver | None = None, runner_factory: RunnerFactory = FalconRunner,
         threads: int | None = None, cuda_graphs: bool | None = None, overlap: bool | None = None,
-        graph_capture: Capture | None = None,
+        graph_capture: Capture | None = None, prefix_caching: bool = False,
     ) -> None:
         self.model = model.eval()
         self.threads = threads
@@ -73,10 +77,12 @@ class Engine:
         self.eos_token_id = tokenizer.eos_token_id
         self.vocab_size = model.config.vocab_size
         # every row of the KV cache can hold a whole context: the token budget decides the rows
-        rows = max(1, min(limits.max_batch_size, limits.max_batch_tokens // self.max_model_len))
+        pool = max(1, limits.max_batch_tokens // self.max_model_len)
+        rows = min(limits.max_batch_size, pool)
         self.limits = replace(limits, max_batch_size=rows)
+        self.prefix_caching = prefix_caching
         self.scheduler: Scheduler[RequestStream] = Scheduler(self.limits)
-        self._runner = runner_factory(self.model, rows, self.max_model_len)
+        self._runner = runner_factory(self.model, rows, self.max_model_len, pool_rows=pool if prefix_caching else rows)
         self.io = self._runner.io
         on_cuda = self._runner.device.type == "cuda"
         self.overlap = on_cuda if overlap is None else overlap
@@ -86,6 +92,7 @@ class Engine:
         self._batch = self._new_batch()
         self._sequences: list[SequenceState] = []  # row i of the batch is sequence i
         self._pending: list[_Launched] = []  # launched, not yet read back (overlap)
+        self._matches: dict[RequestStream, PrefixMatch | None] = {}  # this step's prefix lookups
         self._aborted: set[RequestStream] = set()
         self._wake = threading.Condition()
         self._stopping = False
@@ -97,7 +104,7 @@ class Engine:
         return self.graphs.capture_all() if self.graphs is not None else 0.0
 
     def _new_batch(self) -> RunningBatch:
-        return RunningBatch(self._runner, self.graphs.decode if self.graphs else None)
+        return RunningBatch(self._runner, self.graphs.decode if self.graphs else None, self.prefix_caching)
 
     # ---- caller side (any event loop) ----
 
@@ -132,6 +139,7 @@ class Engine:
             "waiting": self.scheduler.num_waiting,
             "running": len(self._sequences),
             "cache_tokens": self._batch.cache_tokens,
+            "prefix_tokens": self._batch.idle_tokens,
         }
 
     def shutdown(self, timeout: float = 10.0) -> None:
@@ -160,7 +168,8 @@ class Engine:
             try:
                 self._drop_aborted(aborted)
                 self._drop_done()
-                plan = self.scheduler.plan(BatchLoad(rows=len(self._sequences)))
+                self._matches = {}
+                plan = self.scheduler.plan(BatchLoad(rows=len(self._sequences)), self._to_prefill)
                 launched = self._launch(plan)
                 pending, self._pending = self._pending, []
                 if pending:
@@ -175,7 +184,8 @@ class Engine:
                 self._fail_all(EngineError(f"generation failed: {exc}"), plan)
             if self.observer is not None:
                 stats = self.stats()
-                self.observer.on_step(stats["waiting"], stats["running"], stats["cache_tokens"])
+                self.observer.on_step(stats["waiting"], stats["running"], stats["cache_tokens"],
+                                      stats["prefix_tokens"])
         self._fail_all(EngineError("the engine is shutting down"), None)
 
     def _drop_aborted(self, aborted: set[RequestStream]) -> None:
@@ -194,11 +204,20 @@ class Engine:
         send(outbox)
 
     def _drop_done(self) -> None:
-        """Free the rows of sequences that ended or have every token they may make on the way."""
+        """Free the rows of sequences that ended or have every token they may make on the way; with prefix
+        caching their rows' tokens are kept for reuse while there is room."""
         rows = [i for i, s in enumerate(self._sequences) if s.done]
         if rows:
-            order = self._batch.remove(rows)
+            keep = {i: self._sequences[i].tokens for i in rows} if self.prefix_caching else None
+            order = self._batch.remove(rows, keep)
             self._sequences = [self._sequences[i] for i in order]
+
+    def _to_prefill(self, stream: RequestStream) -> int:
+        """Prompt tokens of `stream` that need computing: those the prefix cache does not hold."""
+        if stream not in self._matches:
+            self._matches[stream] = self._batch.lookup(stream.request.prompt_ids)
+        match = self._matches[stream]
+        return len(stream.request.prompt_ids) - (match.length if match is not None else 0)
 
     def _launch(self, plan: StepPlan[RequestStream]) -> list[_Launched]:
         """Run the plan's forward passes and sampling; returns what was sampled, not yet read back."""
@@ -210,11 +229,12 @@ class Engine:
         if plan.admitted:
             prompts = [s.request.prompt_ids for s in plan.admitted]
             repeats = [s.request.n for s in plan.admitted]
+            matches = [self._match(s) for s in plan.admitted]
             if decoding:  # the running batch decodes in the same pass over the weights
-                decoded, prefilled = self._batch.step_and_add(None, prompts, repeats)
+                decoded, prefilled = self._batch.step_and_add(None, prompts, repeats, matches)
                 logits = torch.cat([decoded, prefilled])
             else:
-                logits = self._batch.add(prompts, repeats)
+                logits = self._batch.add(prompts, repeats, matches)
             new = self._join(plan.admitted)
             launched.append(self._sample(decoding + new, logits, first_row=0))
         elif decoding:
@@ -225,13 +245,20 @@ class Engine:
         """Prefill the next chunk of the staged prompt; once it is whole, its choices join the batch."""
         stream = chunk.item
         prompt = stream.request.prompt_ids
-        logits = self._batch.stage(prompt[chunk.start : chunk.end], chunk.start)
+        match = self._match(stream) if chunk.first else None
+        logits = self._batch.stage(prompt[chunk.start : chunk.end], chunk.start, match)
         if not chunk.last:
             return []
         n = stream.request.n
-        self._batch.adopt_staged(len(prompt), n)
+        self._batch.adopt_staged(prompt, n)
         new = self._join([stream])
         return [self._sample(new, logits.expand(n, -1), first_row=len(self._sequences) - n)]
+
+    def _match(self, stream: RequestStream) -> PrefixMatch | None:
+        """This step's prefix match of an admitted request; its cached tokens are counted for usage."""
+        match = self._matches.get(stream)
+        stream.cached_tokens = match.length if match is not None else 0
+        return match
 
     def _join(self, streams: Seq[RequestStream]) -> list[SequenceState]:
         """Track the choices of newly prefilled requests (rows at the end)."""

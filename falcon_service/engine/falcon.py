@@ -120,12 +120,16 @@ class FalconRunner:
     (its own row, or the scratch row for padding) and attends over the first `width` positions of
     rows 0..count-1, read as views with no copy. The caller (`RunningBatch`) keeps these buffers.
 
+    The cache's pool has `pool_rows` rows (default `batch_rows`): those the running batch does not
+    use keep finished prefixes for reuse (`RunningBatch`).
+
     With `release_weights`, each linear's original weight is dropped from the model once its
     prepacked copy exists (CPU), so the weights are held once; the model is then no longer usable
     on its own.
     """
 
-    def __init__(self, model: PreTrainedModel, batch_rows: int, max_len: int, release_weights: bool = False) -> None:
+    def __init__(self, model: PreTrainedModel, batch_rows: int, max_len: int, release_weights: bool = False,
+                 pool_rows: int | None = None) -> None:
         cfg = model.config
         check_architecture(cfg)
         self.max_len = max_len
@@ -151,7 +155,7 @@ class FalconRunner:
             probe = torch.zeros(1, dtype=self.dtype, device=self.device)
             cos, sin = t.rotary_emb(probe, positions)
         self.cos, self.sin = cos[0], sin[0]  # (max_len, head_dim)
-        self.cache = KVCache(len(self.layers), batch_rows, max_len, self.head_dim, self.dtype, self.device)
+        self.cache = KVCache(len(self.layers), batch_rows, max_len, self.head_dim, self.dtype, self.device, pool_rows)
         self._positions = torch.arange(max_len, device=self.device)
         # decode inputs: fixed buffers, so that a captured decode step replays over new values
         self.tokens = torch.zeros(batch_rows, dtype=torch.long, device=self.device)

@@ -51,23 +51,23 @@ def default_kv_budget(config, dtype: torch.dtype, device: torch.device, memory_f
     return max(max_len, min(budget, max_rows * max_len))
 
 
-def rows_for_budget(budget_tokens: int, max_rows: int, max_len: int) -> int:
-    """Sequences the batch holds: every row reserves a whole context of the token budget."""
-    return max(1, min(max_rows, budget_tokens // max_len))
 
 
 class KVCache:
-    """Keys and values of `rows` sequences of up to `max_len` tokens: (layers, rows, max_len, head_dim) each.
+    """Keys and values of the row pool, each row up to `max_len` tokens: (layers, rows, max_len, head_dim) each.
 
-    The batch's rows come first; after them the staging row (a long prompt prefilled a chunk at a
-    time) and the scratch row (where padded decode rows write, so that they touch no real row).
+    The pool's `pool_rows` rows hold the running sequences (at most `batch_rows` of them, kept at
+    the front) and, in the rows they leave free, the prefixes of finished ones for reuse. After the
+    pool come the staging row (a long prompt prefilled a chunk at a time) and the scratch row (where
+    padded decode rows write, so that they touch no real row).
     """
 
     def __init__(self, layers: int, batch_rows: int, max_len: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device) -> None:
+                 device: torch.device, pool_rows: int | None = None) -> None:
         self.batch_rows, self.max_len = batch_rows, max_len
-        self.staging_row, self.scratch_row = batch_rows, batch_rows + 1
-        shape = (layers, batch_rows + 2, max_len, head_dim)
+        self.pool_rows = max(pool_rows or batch_rows, batch_rows)
+        self.staging_row, self.scratch_row = self.pool_rows, self.pool_rows + 1
+        shape = (layers, self.pool_rows + 2, max_len, head_dim)
         # zeros, not empty: attention multiplies the masked slots by 0, and 0 * NaN (which fresh memory
         # can hold) would poison the row
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
@@ -83,5 +83,6 @@ class KVCache:
 
     def copy_row(self, src: int, dst: int, length: int) -> None:
         """Give row `dst` the first `length` cached tokens of row `src` (n choices share a prompt)."""
-        self.keys[:, dst, :length] = self.keys[:, src, :length]
-        self.values[:, dst, :length] = self.values[:, src, :length]
+        if length > 0 and src != dst:
+            self.keys[:, dst, :length] = self.keys[:, src, :length]
+            self.values[:, dst, :length] = self.values[:, src, :length]

@@ -167,6 +167,7 @@ class EngineOptions:
     max_queue_size: int = 256
     torch_threads: int | None = None  # CPU: default all usable cores
     cuda_graphs: bool = True
+    prefix_caching: bool = True
 
 
 def load_engine(path: str | Path, options: EngineOptions, observer=None):
@@ -190,13 +191,16 @@ def load_engine(path: str | Path, options: EngineOptions, observer=None):
     log.info("%s needs %s", path, estimate.describe())
     estimate.check()
     model, tokenizer = load_model(path, device, dtype)
+    # with prefix caching the pool holds up to as many finished prefixes as running sequences
+    pool_rows = options.max_batch_size * (2 if options.prefix_caching else 1)
     budget = options.max_batch_tokens or default_kv_budget(
-        model.config, model.dtype, model.device, options.kv_cache_memory_fraction, options.max_batch_size, max_len)
+        model.config, model.dtype, model.device, options.kv_cache_memory_fraction, pool_rows, max_len)
     limits = BatchLimits(options.max_batch_size, budget, options.max_prefill_tokens, options.max_queue_size)
     threads = options.torch_threads or len(os.sched_getaffinity(0))
     engine = Engine(model, tokenizer, limits, observer=observer,
                     runner_factory=partial(FalconRunner, release_weights=True),
-                    threads=threads if device == "cpu" else None, cuda_graphs=options.cuda_graphs and device == "cuda")
+                    threads=threads if device == "cpu" else None, cuda_graphs=options.cuda_graphs and device == "cuda",
+                    prefix_caching=options.prefix_caching)
     if engine.graphs is not None:
         log.info("captured decode graphs in %.1f s", engine.capture_graphs())
     log.info("ready on %s (%s) in %.1f s; KV budget %d tokens in %d rows", device, str(dtype).removeprefix("torch."),

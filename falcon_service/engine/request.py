@@ -52,12 +52,13 @@ class RequestRecord:
     time_to_first_token: float | None  # seconds from submit to the first token
     time_per_output_token: float | None  # seconds per token after the first (longest choice)
     finish_reason: FinishReason
+    cached_tokens: int = 0  # prompt tokens reused from the prefix cache
 
 
 class EngineObserver(Protocol):
     """Receives the engine's measurements (metrics); called on the engine thread, so it must be quick."""
 
-    def on_step(self, waiting: int, running: int, cache_tokens: int) -> None: ...
+    def on_step(self, waiting: int, running: int, cache_tokens: int, prefix_tokens: int) -> None: ...
 
     def on_request_done(self, record: RequestRecord) -> None: ...
 

@@ -8,6 +8,7 @@ Policy, one pass over the weights per step where possible:
   own pass, each followed by a decode step of the running batch, and joins the batch when whole.
   Nothing else is admitted while a prompt is staged.
 - Every sequence reserves a whole context row of the KV cache, so admission counts rows.
+- Prompt tokens the prefix cache holds cost nothing: the prefill budget counts the others.
 """
 
 from __future__ import annotations
@@ -52,11 +53,13 @@ class BatchLoad:
 
 @dataclass(frozen=True)
 class PrefillChunk(Generic[T]):
-    """Tokens start..end of a staged request's prompt; `last` when the prompt is then complete."""
+    """Tokens start..end of a staged request's prompt; `first` for its first chunk (which starts after
+    what the prefix cache holds), `last` when the prompt is then complete."""
 
     item: T
     start: int
     end: int
+    first: bool
     last: bool
 
 
@@ -120,36 +123,42 @@ class Scheduler(Generic[T]):
         """Whether the batch has a free KV-cache row for every sequence in `demands`."""
         return load.rows + sum(d.rows for d in demands) <= self.limits.max_batch_size
 
-    def admit(self, load: BatchLoad) -> list[T]:
-        """Pop the requests, in arrival order, that join the batch at this step."""
+    def admit(self, load: BatchLoad, to_prefill: Callable[[T], int] | None = None) -> list[T]:
+        """Pop the requests, in arrival order, that join the batch at this step; `to_prefill(item)` is how
+        many of its prompt tokens need computing (the rest are cached), by default all."""
         chosen: list[Demand] = []
         items: list[T] = []
+        prefill = 0
         with self._lock:
             while self._waiting:
                 item, demand = self._waiting[0]
-                prefill = sum(d.prompt_len for d in chosen) + demand.prompt_len
-                if chosen and prefill > self.limits.max_prefill_tokens:
+                cost = to_prefill(item) if to_prefill is not None else demand.prompt_len
+                if chosen and prefill + cost > self.limits.max_prefill_tokens:
                     break
                 if not self.fits(load, [*chosen, demand]):
                     break
                 self._waiting.popleft()
                 chosen.append(demand)
                 items.append(item)
+                prefill += cost
         return items
 
-    def plan(self, load: BatchLoad) -> StepPlan[T]:
-        """The next step, given the rows the running batch holds; assumes the step then runs."""
+    def plan(self, load: BatchLoad, to_prefill: Callable[[T], int] | None = None) -> StepPlan[T]:
+        """The next step, given the rows the running batch holds and how many prompt tokens of a request
+        need computing (`to_prefill`, default all); assumes the step then runs."""
+        first = False
         if self._staged is None:
             with self._lock:
                 head = self._waiting[0] if self._waiting else None
-            if head is not None and head[1].prompt_len > self.limits.max_prefill_tokens:
+            cost = 0 if head is None else to_prefill(head[0]) if to_prefill is not None else head[1].prompt_len
+            if head is not None and cost > self.limits.max_prefill_tokens:
                 if not self.fits(load, [head[1]]):
                     return StepPlan(decode=load.rows > 0)
                 with self._lock:
                     self._staged = self._waiting.popleft()
-                self._staged_done = 0
+                self._staged_done, first = head[1].prompt_len - cost, True
             else:
-                return StepPlan(admitted=self.admit(load), decode=load.rows > 0)
+                return StepPlan(admitted=self.admit(load, to_prefill), decode=load.rows > 0)
         item, demand = self._staged
         start = self._staged_done
         end = min(demand.prompt_len, start + self.limits.max_prefill_tokens)
@@ -157,7 +166,7 @@ class Scheduler(Generic[T]):
         last = end == demand.prompt_len
         if last:
             self._staged = None
-        return StepPlan(chunk=PrefillChunk(item, start, end, last), decode=load.rows > 0)
+        return StepPlan(chunk=PrefillChunk(item, start, end, first, last), decode=load.rows > 0)
 
     def drop_staged(self) -> T | None:
         """Forget the staged request (its step failed); returns it."""

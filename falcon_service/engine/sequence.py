@@ -33,6 +33,11 @@ class SequenceState:
         self.finish_reason: FinishReason | None = None
 
     @property
+    def tokens(self) -> list[int]:
+        """Prompt and output so far (what its KV cache row holds, and the token sampled last)."""
+        return [*self.stream.request.prompt_ids, *self.output_ids]
+
+    @property
     def done(self) -> bool:
         """Finished, or every token it may make is already on its way (nothing more to schedule)."""
         return self.finish_reason is not None or self.scheduled >= self.budget

@@ -38,6 +38,7 @@ class RequestStream:
                  on_abort: Callable[[RequestStream], None], observer: EngineObserver | None = None) -> None:
         self.request = request
         self.prompt_tokens = len(request.prompt_ids)
+        self.cached_tokens = 0  # prompt tokens whose KV came from the prefix cache (set at admission)
         self.completion_tokens = 0
         self.finish_reasons: dict[int, FinishReason] = {}
         self.submitted_at = time.monotonic()
@@ -129,4 +130,5 @@ class RequestStream:
             ttft = self.first_token_at - self.submitted_at
             if longest > 1:
                 tpot = (now - self.first_token_at) / (longest - 1)
-        return RequestRecord(self.prompt_tokens, sum(self._generated.values()), ttft, tpot, reason)
+        return RequestRecord(self.prompt_tokens, sum(self._generated.values()), ttft, tpot, reason,
+                             self.cached_tokens)

@@ -83,4 +83,4 @@ async def test_a_stream_closed_after_its_role_chunk_aborts_the_request(api) -> N
         await asyncio.sleep(0.01)
     assert [r.finish_reason for r in records] == ["abort", "abort"]
     assert all(r.completion_tokens < 1500 for r in records)
-    assert engine.stats() == {"waiting": 0, "running": 0, "cache_tokens": 0}
+    assert engine.stats() == {"waiting": 0, "running": 0, "cache_tokens": 0, "prefix_tokens": 0}

@@ -239,3 +239,20 @@ def test_health_endpoints(http):
     assert health.status_code == 200 and health.json() == {"status": "ok"}
     assert http.get("/livez").status_code == 200
     assert http.get("/readyz").status_code == 200
+
+
+def test_a_shared_system_prompt_is_reused_and_usage_says_so(client, server):
+    system = {"role": "system", "content": " ".join(f"Rule {i}: answer in the voice of a falcon." for i in range(12))}
+    first = greedy(client, server.model, [system, {"role": "user", "content": "What do you eat?"}], max_tokens=4)
+    second = greedy(client, server.model, [system, {"role": "user", "content": "Where do you live?"}], max_tokens=4)
+    assert first.usage.prompt_tokens > 64
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached >= 64 and cached % 16 == 0 and cached < second.usage.prompt_tokens
+    streamed = client.chat.completions.create(
+        model=server.model, messages=[system, {"role": "user", "content": "Where do you live?"}], max_tokens=4,
+        temperature=0, stream=True, stream_options={"include_usage": True})
+    usage = next(c.usage for c in streamed if c.usage)
+    assert usage.prompt_tokens_details.cached_tokens >= cached
+    # the cache changes no output: the same request again gives the same text
+    again = greedy(client, server.model, [system, {"role": "user", "content": "Where do you live?"}], max_tokens=4)
+    assert again.choices[0].message.content == second.choices[0].message.content

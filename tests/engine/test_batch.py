@@ -138,7 +138,7 @@ def test_a_staged_prompt_joins_a_running_batch(runner, tiny_model, texts):
     running.append(11)
     logits = batch.stage(long[4:], 4)
     torch.testing.assert_close(logits[0], reference_logits(tiny_model, long), atol=ATOL, rtol=0)
-    batch.adopt_staged(len(long), 2)
+    batch.adopt_staged(long, 2)
     assert batch.size == 3 and batch.lengths == [len(running) - 1, len(long), len(long)]
     step = batch.step([11, 3, 4])
     torch.testing.assert_close(step[0], reference_logits(tiny_model, running), atol=ATOL, rtol=0)

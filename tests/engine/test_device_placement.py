@@ -95,7 +95,7 @@ def test_prefill_decode_and_sampling_stay_on_the_device_without_host_reads(model
         # a long prompt staged in two chunks (the second attends to the cached first), then it joins
         batch.stage(list(range(20, 30)), 0)
         staged = batch.stage(list(range(30, 35)), 10)
-        batch.adopt_staged(15, 1)
+        batch.adopt_staged(list(range(20, 35)), 1)
         batch.set_tokens(4, sample(staged, states(model, 1)).tokens)
         batch.remove([1])
         logits = batch.step()

@@ -360,7 +360,7 @@ async def test_abort_frees_the_batch_and_the_engine_serves_on(make_engine, contr
         assert set(stream.finish_reasons.values()) == {"abort"}
         assert stream.completion_tokens < 1500 * stream.request.n
 
-    await wait_for(lambda: engine.stats() == {"running": 0, "waiting": 0, "cache_tokens": 0})
+    await wait_for(lambda: engine.stats() == {"running": 0, "waiting": 0, "cache_tokens": 0, "prefix_tokens": 0})
     choice = (await run_one(engine, prompts[0], greedy(4)))[0]
     assert choice.finish_reason == "length" and len(choice.tokens) == 4
 
@@ -380,7 +380,7 @@ async def test_abort_while_waiting_leaves_the_queue(make_engine, tiny_model, pro
     running.abort()
     await collect(it)
     assert running.finish_reasons == {0: "abort"}
-    await wait_for(lambda: engine.stats() == {"running": 0, "waiting": 0, "cache_tokens": 0})
+    await wait_for(lambda: engine.stats() == {"running": 0, "waiting": 0, "cache_tokens": 0, "prefix_tokens": 0})
 
 
 # ---------- failures ----------
@@ -399,7 +399,7 @@ async def test_failing_forward_fails_the_running_streams_only_then_serves(make_e
     for it in iterators:
         with pytest.raises(EngineError):
             await collect(it)
-    await wait_for(lambda: engine.stats() == {"running": 0, "waiting": 0, "cache_tokens": 0})
+    await wait_for(lambda: engine.stats() == {"running": 0, "waiting": 0, "cache_tokens": 0, "prefix_tokens": 0})
 
     controlled_model.fail = False
     choices = await asyncio.gather(*(run_one(engine, p, greedy(5)) for p in prompts[:2]))

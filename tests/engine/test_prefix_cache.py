@@ -1,0 +1,218 @@
+"""Prefix caching: the index of the rows' prefixes, the batch reusing them, and the engine's output
+unchanged by them (greedy and seeded), with usage counting the reused tokens."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+
+import pytest
+import torch
+
+from falcon_service.engine import prefix_cache
+from falcon_service.engine.batch import RunningBatch
+from falcon_service.engine.engine import Engine, GenerationRequest, SamplingParams
+from falcon_service.engine.falcon import FalconRunner
+from falcon_service.engine.prefix_cache import BLOCK, PrefixCache
+from falcon_service.engine.scheduler import BatchLimits
+
+TEST_DEVICE = os.environ.get("FALCON_TEST_DEVICE", "cpu")  # see tests/conftest.py
+ATOL = 1e-4
+TIMEOUT = 60.0
+
+
+def tokens(n: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(3, 1000) for _ in range(n)]
+
+
+# ---------- the index ----------
+
+
+def test_lookup_finds_the_longest_cached_prefix_in_whole_blocks_and_never_the_whole_prompt():
+    cache = PrefixCache()
+    shared = tokens(3 * BLOCK + 5, seed=1)
+    cache.put(0, shared[: 2 * BLOCK + 3])  # two whole blocks
+    cache.put(1, shared)  # three whole blocks
+    prompt = [*shared, *tokens(10, seed=2)]
+    match = cache.lookup(prompt)
+    assert match is not None and match.prefix.row == 1 and match.length == 3 * BLOCK
+    # a prompt that is exactly a cached prefix still computes its last token (its logits are needed)
+    exact = cache.lookup(shared[: 3 * BLOCK])
+    assert exact is not None and exact.length == 2 * BLOCK
+    # one different token in the second block: only the first block matches
+    other = list(prompt)
+    other[BLOCK + 4] += 1
+    match = cache.lookup(other)
+    assert match is not None and match.length == BLOCK
+    assert cache.lookup(tokens(40, seed=3)) is None
+    assert cache.lookup(shared[: BLOCK]) is None  # shorter than a block plus the token to compute
+
+
+def test_a_hash_collision_is_a_miss_never_a_wrong_prefix(monkeypatch):
+    monkeypatch.setattr(prefix_cache, "hash", lambda _: 7, raising=False)  # every block key collides
+    cache = PrefixCache()
+    cache.put(0, tokens(40, seed=1))
+    assert cache.lookup(tokens(40, seed=2)) is None
+    same = cache.lookup([*tokens(40, seed=1), 5])
+    assert same is not None and same.length == 2 * BLOCK
+
+
+def test_moves_and_drops_keep_the_index_exact():
+    cache = PrefixCache()
+    a, b = tokens(2 * BLOCK, seed=1), tokens(3 * BLOCK, seed=2)
+    cache.put(0, a)
+    cache.put(1, b)
+    assert cache.indexed_blocks == 5
+    cache.move(1, 4)
+    match = cache.lookup([*b, 1])
+    assert match is not None and match.prefix.row == 4 and cache.get(1) is None
+    cache.move(4, 0)  # over row 0: its prefix is gone
+    assert cache.lookup([*a, 1]) is None and cache.indexed_blocks == 3
+    cache.drop(0)
+    assert cache.indexed_blocks == 0 and len(cache) == 0
+
+
+def test_least_recently_used_is_the_one_looked_up_longest_ago():
+    cache = PrefixCache()
+    for row in range(3):
+        cache.idle(row, tokens(BLOCK + 1, seed=row))
+    cache.lookup([*tokens(BLOCK + 1, seed=0), 9])  # row 0 used again
+    assert cache.least_recently_used([0, 1, 2]) == 1
+
+
+# ---------- the batch ----------
+
+
+def reference_logits(model, ids: list[int]) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(torch.tensor([ids], device=model.device)).logits[0, -1]
+
+
+def test_a_reused_prefix_gives_the_logits_of_computing_it(tiny_model):
+    runner = FalconRunner(tiny_model, batch_rows=3, max_len=128, pool_rows=5)
+    batch = RunningBatch(runner, prefix_caching=True)
+    system = tokens(2 * BLOCK + 3, seed=1)
+    calls = []
+    original = runner.prefill
+
+    def counting(rows, chunks, offsets):
+        calls.append((list(offsets), [len(c) for c in chunks]))
+        return original(rows, chunks, offsets)
+
+    runner.prefill = counting
+    first = [*system, *tokens(7, seed=2)]
+    batch.add([first], [1])
+    second = [*system, *tokens(9, seed=3)]
+    match = batch.lookup(second)
+    assert match is not None and match.length == 2 * BLOCK  # from the running row
+    logits = batch.add([second], [1], [match])
+    assert calls[-1] == ([2 * BLOCK], [len(second) - 2 * BLOCK])  # only the rest was computed
+    torch.testing.assert_close(logits[0], reference_logits(tiny_model, second), atol=ATOL, rtol=0)
+    # both leave; the second's prefix is kept in an idle row; a third prompt reuses it from there
+    batch.remove([0, 1], keep={0: first, 1: second})
+    assert batch.size == 0 and sorted(batch.idle.values()) == [len(first), len(second)]
+    third = [*second, *tokens(4, seed=4)]
+    match = batch.lookup(third)
+    assert match is not None and match.prefix.row in batch.idle and match.length == (len(second) // BLOCK) * BLOCK
+    logits = batch.add([third], [2], [match])  # two choices share it
+    for row in range(2):
+        torch.testing.assert_close(logits[row], reference_logits(tiny_model, third), atol=ATOL, rtol=0)
+    step = batch.step([5, 6])
+    torch.testing.assert_close(step[1], reference_logits(tiny_model, [*third, 6]), atol=ATOL, rtol=0)
+
+
+def test_idle_rows_give_way_least_recently_used_first_and_running_rows_never(tiny_model):
+    runner = FalconRunner(tiny_model, batch_rows=3, max_len=64, pool_rows=4)
+    batch = RunningBatch(runner, prefix_caching=True)
+    prompts = [tokens(BLOCK + 4, seed=s) for s in range(6)]
+    batch.add(prompts[:3], [1, 1, 1])
+    batch.remove([0, 1, 2], keep={i: prompts[i] for i in range(3)})
+    assert len(batch.idle) == 3  # rows 1..3 of the pool (the top first)
+    batch.lookup([*prompts[2], 1])  # prompt 2 used again: 0 and 1 are older
+    batch.add(prompts[3:6], [1, 1, 1])  # three running rows: the pool keeps only one idle row
+    assert batch.size == 3 and len(batch.idle) == 1
+    kept = batch.lookup([*prompts[2], 1])
+    assert kept is not None and kept.prefix.row == 3, "the most recently used prefix is the one kept"
+    assert batch.lookup([*prompts[0], 1]) is None and batch.lookup([*prompts[1], 1]) is None
+    for i in range(3):  # the running rows' own prefixes are all there
+        match = batch.lookup([*prompts[3 + i], 1])
+        assert match is not None and match.prefix.running
+    # a fourth running row cannot be had: the batch is full
+    with pytest.raises(RuntimeError, match="full"):
+        batch.add([prompts[0]], [1])
+
+
+# ---------- the engine ----------
+
+
+async def collect(stream) -> list[int]:
+    out: list[int] = []
+    async with asyncio.timeout(TIMEOUT):
+        async for event in stream:
+            out += event.token_ids
+    return out
+
+
+LIMITS = BatchLimits(max_batch_size=6, max_batch_tokens=12 * 2048, max_prefill_tokens=4096, max_queue_size=64)
+
+
+@pytest.mark.parametrize("chunk", [4096, 24], ids=["whole", "chunked"])
+async def test_output_is_the_same_with_and_without_the_cache(tiny_model, tiny_tokenizer, chunk):
+    system = tokens(3 * BLOCK + 2, seed=10)
+    # suffixes longer than a chunk: with the cache, the rest of a prompt is still prefilled in chunks
+    prompts = [[*system, *tokens(30 + i, seed=20 + i)] for i in range(5)]
+    params = [SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True),
+              SamplingParams(max_tokens=8, temperature=1.0, top_p=0.9, seed=5, ignore_eos=True)]
+    limits = BatchLimits(6, 12 * 2048, chunk, 64)
+    staged_starts: list[int] = []
+    results = {}
+    for caching in (False, True):
+        engine = Engine(tiny_model, tiny_tokenizer, limits, prefix_caching=caching)
+        stage = engine._batch.stage
+
+        def recording(chunk, offset, match=None, stage=stage):
+            if match is not None:
+                staged_starts.append(offset)
+            return stage(chunk, offset, match)
+
+        engine._batch.stage = recording
+        try:
+            got, cached = [], []
+            for p in params:
+                first = engine.submit(GenerationRequest(tuple(prompts[0]), p))
+                got.append(await collect(first))  # computes the system prompt
+                cached.append(first.cached_tokens)
+                streams = [engine.submit(GenerationRequest(tuple(q), p, n=2)) for q in prompts[1:]]
+                got += await asyncio.gather(*(collect(s) for s in streams))
+                cached += [s.cached_tokens for s in streams]
+            results[caching] = (got, cached)
+        finally:
+            engine.shutdown()
+    assert results[True][0] == results[False][0]
+    assert results[False][1] == [0] * 10
+    assert results[True][1][0] == 0 and all(c >= 3 * BLOCK for c in results[True][1][1:5])
+    if chunk < 4096:  # long rests were staged, their first chunk after the cached start
+        assert staged_starts and all(start >= 3 * BLOCK for start in staged_starts)
+
+
+async def test_a_burst_of_new_prompts_evicts_idle_prefixes_and_memory_stays_bounded(tiny_model, tiny_tokenizer):
+    engine = Engine(tiny_model, tiny_tokenizer, LIMITS, prefix_caching=True)
+    try:
+        params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+        rng = random.Random(0)
+        for wave in range(20):  # 120 requests with random prefixes of up to 8 blocks
+            streams = [engine.submit(GenerationRequest(tuple(tokens(rng.randrange(20, 130), seed=wave * 100 + i)),
+                                                       params)) for i in range(6)]
+            await asyncio.gather(*(collect(s) for s in streams))
+        async with asyncio.timeout(TIMEOUT):
+            while engine.stats()["running"]:  # the last wave's rows leave at the end of its step
+                await asyncio.sleep(0.01)
+        batch = engine._batch  # white box: what the index holds after 120 prefixes
+        assert batch.prefixes is not None
+        assert len(batch.idle) <= 12 and len(batch.prefixes) <= 12  # the pool's rows, nothing more
+        assert batch.prefixes.indexed_blocks <= 12 * (130 + 3) // BLOCK
+        assert engine.stats()["prefix_tokens"] == batch.idle_tokens > 0
+    finally:
+        engine.shutdown()
