@@ -28,7 +28,7 @@ from bentoml.exceptions import BentoMLException
 from .api.auth import check_api_key
 from .api.errors import to_api_error
 from .api.protocol import ChatRequest, GenerateRequest
-from .api.routes import create_app
+from .api.routes import create_app, until_disconnect
 from .api.serving import OpenAIServing
 from .config import Settings
 
@@ -56,7 +56,8 @@ openai_app = create_app(serving, SETTINGS.api_key)
 def _bento_error(exc: BaseException) -> BentoMLException:
     """The OpenAI routes' error (status and message), for `bentoml.SyncHTTPClient` callers."""
     err = to_api_error(exc)
-    return BentoMLException(err.message, error_code=HTTPStatus(err.status))
+    status = HTTPStatus(err.status) if err.status in HTTPStatus._value2member_map_ else HTTPStatus.BAD_REQUEST
+    return BentoMLException(err.message, error_code=status)
 
 
 def _authorize(ctx: bentoml.Context) -> None:
@@ -101,6 +102,7 @@ class FalconService:
         except BaseException as exc:  # reported by __is_alive__ so that the orchestrator restarts us
             log.exception("loading the model failed")
             self.load_error = exc
+            serving.fail(exc)
 
     def __is_ready__(self) -> bool:
         return serving.ready
@@ -126,8 +128,8 @@ class FalconService:
     async def chat(self, ctx: bentoml.Context, **params: Any) -> dict[str, Any]:
         """Answer a conversation; returns the reply, the finish reason and token usage."""
         _authorize(ctx)
-        try:
-            reply = await serving.chat_reply(ChatRequest(**params))
+        try:  # a client that hangs up (or times out) aborts the generation, as on /v1
+            reply = await until_disconnect(ctx.request, serving.chat_reply(ChatRequest(**params)))
         except Exception as exc:
             raise _bento_error(exc) from exc
         return reply.model_dump(mode="json")

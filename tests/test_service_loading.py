@@ -52,6 +52,19 @@ SCRIPT = textwrap.dedent(
         time.sleep(0.05)
     print("after", svc.__is_ready__(), svc.__is_alive__(), asyncio.run(health()))
     print("weights_read", len(loads))
+    async def health_body():
+        transport = httpx.ASGITransport(app=service.openai_app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            return (await c.get("/health")).json()
+    print("health", (asyncio.run(health_body()).get("error") or {}).get("message"))
+    async def native_chat_error():
+        from falcon_service.api.protocol import ChatRequest
+        try:
+            await service.serving.chat_reply(ChatRequest(messages=[{"role": "user", "content": "hi"}]))
+        except Exception as exc:
+            return service._bento_error(exc)
+    err = asyncio.run(native_chat_error()) if not svc.__is_ready__() else None
+    print("native", err.error_code.value if err else None, err)
     print("error", type(svc.load_error).__name__, str(svc.load_error))
     """
 )
@@ -83,10 +96,14 @@ def test_model_loads_in_background_and_readiness_follows(store) -> None:
     assert lines["after"] == ["True", "True", "200"]
 
 
-def test_failed_load_marks_service_dead(store) -> None:
+def test_failed_load_marks_service_dead_and_says_so(store) -> None:
     lines = run(store, fail=True)
     assert lines["loading"] == ["False", "True", "503"]
     assert lines["after"] == ["False", "False", "503"]
+    # /health and the native APIs say the load failed, and why (not "loading", not "unexpected error")
+    health = " ".join(lines["health"])
+    assert health.startswith("Loading the model failed") and "weights are corrupt" in health
+    assert lines["native"][0] == "503" and "Loading the model failed" in " ".join(lines["native"][1:])
 
 
 def test_a_model_that_does_not_fit_fails_at_once_saying_what_to_change(store) -> None:

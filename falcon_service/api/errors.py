@@ -51,6 +51,12 @@ def not_ready() -> APIError:
                     code="model_not_ready", headers={"Retry-After": "5"})
 
 
+def load_failed(reason: str) -> APIError:
+    """The model could not be loaded: this server will not serve until it is restarted with a fix."""
+    return APIError(503, f"Loading the model failed, so this server cannot serve: {reason}", type="server_error",
+                    code="model_load_failed")
+
+
 def to_api_error(exc: BaseException) -> APIError:
     """Map any failure to the error the client gets."""
     if isinstance(exc, APIError):

@@ -27,8 +27,9 @@ def _check_api_key(request: Request) -> None:
     check_api_key(request.headers.get("authorization"), request.app.state.api_key)
 
 
-async def _until_disconnect(request: Request, work: Awaitable[T]) -> T:
-    """Await `work`, cancelling it if the client hangs up first (its sequences are then aborted)."""
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it if the client hangs up first (its sequences are then aborted).
+    The native BentoML APIs use it too."""
     task = asyncio.ensure_future(work)
     try:
         while True:
@@ -55,7 +56,7 @@ async def _answer(request: Request, stream: bool | None, streamed: Callable[[], 
     """SSE lines when the body asks to stream, else the whole response (cancelled if the client leaves)."""
     if stream:
         return _respond(streamed())
-    return _respond(await _until_disconnect(request, whole()))
+    return _respond(await until_disconnect(request, whole()))
 
 
 def build_router() -> APIRouter:
@@ -93,8 +94,10 @@ def create_app(serving: OpenAIServing, api_key: str | None = None) -> FastAPI:
 
     @app.get("/health")
     async def health(request: Request) -> JSONResponse:
-        if not _serving(request).ready:
-            return to_api_error(APIError(503, "model loading", type="service_unavailable")).response()
+        """200 when the model serves; 503 while it loads, or for good once loading it failed (saying why)."""
+        serving = _serving(request)
+        if not serving.ready:
+            return to_api_error(serving.unavailable()).response()
         return JSONResponse({"status": "ok"})
 
     return app

@@ -19,7 +19,7 @@ from transformers import PreTrainedTokenizerBase
 from .. import chat
 from ..engine.engine import ChoiceEvent, Engine, FinishReason, GenerationRequest, RequestStream
 from ..engine.sampling import SamplingParams, TokenLogprob
-from .errors import bad_request, model_not_found, not_ready, to_api_error
+from .errors import APIError, bad_request, load_failed, model_not_found, not_ready, to_api_error
 from .protocol import (
     ChatChoice,
     ChatChunkChoice,
@@ -104,18 +104,27 @@ class OpenAIServing:
         self.created = created or now()
         self.engine: Engine | None = None
         self.tokenizer: PreTrainedTokenizerBase | None = None
+        self.load_failure: str | None = None
 
     def attach(self, engine: Engine) -> None:
         self.tokenizer = engine.tokenizer
         self.engine = engine
 
+    def fail(self, error: BaseException) -> None:
+        """Loading the model failed: every request (and /health) says so from now on."""
+        self.load_failure = f"{type(error).__name__}: {error}"
+
     @property
     def ready(self) -> bool:
         return self.engine is not None
 
+    def unavailable(self) -> APIError:
+        """Why there is no engine: still loading, or loading failed."""
+        return load_failed(self.load_failure) if self.load_failure else not_ready()
+
     def _engine(self) -> Engine:
         if self.engine is None:
-            raise not_ready()
+            raise self.unavailable()
         return self.engine
 
     def models(self) -> ModelList:

@@ -8,6 +8,7 @@ from http import HTTPStatus
 import bentoml
 import pytest
 from bentoml.exceptions import BentoMLException
+from server_metrics import delta, metrics, wait_idle
 
 pytestmark = pytest.mark.e2e
 
@@ -80,3 +81,21 @@ def test_client_disconnect_mid_stream_leaves_server_healthy(http, client, server
     text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
     assert text == after.choices[0].message.content
     assert http.get("/health").status_code == 200
+
+
+def test_a_native_chat_client_that_hangs_up_is_aborted(server):
+    before = metrics(server.url)
+    with bentoml.SyncHTTPClient(server.url, timeout=1) as impatient, pytest.raises(Exception, match=r"(?i)time"):
+        impatient.chat(messages=HELLO, max_tokens=1900, ignore_eos=True)
+    after = wait_idle(server.url, before, aborts=1)
+    assert delta(before, after, "falcon_requests_finished_total:abort") == 1
+    assert after["falcon_requests_running"] == 0 and after["falcon_kv_cache_tokens"] == 0
+
+
+def test_a_native_generate_client_that_hangs_up_is_aborted(server):
+    before = metrics(server.url)
+    with bentoml.SyncHTTPClient(server.url, timeout=60) as c:
+        chunks = iter(c.generate(prompt=PROMPT, max_tokens=1900, ignore_eos=True))
+        assert next(chunks)
+    after = wait_idle(server.url, before, aborts=1)
+    assert delta(before, after, "falcon_requests_finished_total:abort") == 1
