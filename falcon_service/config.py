@@ -18,7 +18,9 @@ class Settings(BaseModel):
 
     model: str = Field("falcon-7b-instruct", description="BentoML model tag (name or name:version) to serve")
     served_model_name: str | None = Field(None, description="model id clients send; default: the tag's name")
-    device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto: CUDA when present, else CPU")
+    device: Literal["auto", "cuda", "cpu"] = Field(
+        "auto", description="auto: CUDA when PyTorch can use it, else the CPU (an error when a GPU is there but "
+        "unusable)")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="auto: bfloat16 on CUDA; on CPU the checkpoint's own dtype, but float32 where the CPU "
         "lacks fast bf16 matmuls and float32 fits"

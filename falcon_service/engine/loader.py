@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import struct
 import time
 from dataclasses import dataclass
@@ -31,6 +32,56 @@ SAFETENSORS_DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I
 
 class InsufficientMemoryError(RuntimeError):
     """The model and its KV cache would not fit in the device's free memory."""
+
+
+class DeviceUnavailableError(RuntimeError):
+    """A GPU was expected (asked for, or present) but PyTorch cannot use it."""
+
+
+DRIVER_FLOOR = 580  # torch 2.13's CUDA 13 build needs NVIDIA driver R580 or newer
+
+
+def nvidia_driver() -> str | None:
+    """The NVIDIA kernel driver's version, if one is loaded (what a container with a GPU sees)."""
+    try:
+        text = Path("/proc/driver/nvidia/version").read_text()
+    except OSError:
+        return None
+    found = re.search(r"Kernel Module\s+(?:for \S+\s+)?(\d+(?:\.\d+)+)", text)
+    return found.group(1) if found else "unknown"
+
+
+def resolve_device(setting: str, cuda_available: bool, driver: str | None) -> str:
+    """`auto`: CUDA when PyTorch can use it, else the CPU, but never silently when a GPU is there: a
+    driver that PyTorch cannot use is an error that says so (serving a 7B model on the CPU instead
+    would look like a hang). `cuda` without CUDA is the same error."""
+    if setting == "cpu":
+        return "cpu"
+    if cuda_available:
+        return "cuda"
+    if setting == "auto" and driver is None:
+        return "cpu"
+    import torch
+
+    build = f"PyTorch {torch.__version__} (CUDA {torch.version.cuda or 'none'})"
+    if driver is None:
+        raise DeviceUnavailableError(f"FALCON_DEVICE=cuda, but there is no NVIDIA driver: {build} sees no GPU. Run "
+                                     "on a GPU node (with the NVIDIA container runtime), or set FALCON_DEVICE=cpu.")
+    raise DeviceUnavailableError(
+        f"A GPU is present (NVIDIA driver {driver}) but {build} cannot use it: this build needs driver R{DRIVER_FLOOR} "
+        "or newer (or the container was started without the GPU's libraries). Upgrade the driver, or set "
+        "FALCON_DEVICE=cpu to serve on the CPU on purpose.")
+
+
+def describe_device(device: str) -> str:
+    """What the log says about the device: versions of PyTorch, CUDA and the driver, the GPU and its memory."""
+    import torch
+
+    if device != "cuda":
+        return f"CPU ({torch.backends.cpu.get_cpu_capability()}), PyTorch {torch.__version__}"
+    props = torch.cuda.get_device_properties(0)
+    return (f"{props.name} ({props.total_memory / GIB:.0f} GiB), PyTorch {torch.__version__}, "
+            f"CUDA {torch.version.cuda}, NVIDIA driver {nvidia_driver() or 'unknown'}")
 
 
 def checkpoint_dtype(path: str | Path) -> str | None:
@@ -181,7 +232,8 @@ def load_engine(path: str | Path, options: EngineOptions, observer=None):
     started = time.perf_counter()
     config = AutoConfig.from_pretrained(path)
     check_architecture(config)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if options.device == "auto" else options.device
+    device = resolve_device(options.device, torch.cuda.is_available(), nvidia_driver())
+    log.info("device: %s", describe_device(device))
     max_len = context_length(config)
     # before reading any weight: will they and the smallest KV cache fit? (else fail now, saying why)
     kv_tokens = options.max_batch_tokens or max_len

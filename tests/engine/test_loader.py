@@ -13,11 +13,13 @@ from transformers import AutoModelForCausalLM
 from falcon_service.checkpoints import PRESETS, falcon_config
 from falcon_service.engine.falcon import FalconRunner
 from falcon_service.engine.loader import (
+    DeviceUnavailableError,
     InsufficientMemoryError,
     checkpoint_parameters,
     choose_dtype,
     estimate_memory,
     load_model,
+    resolve_device,
 )
 
 GIB = 2**30
@@ -110,3 +112,33 @@ def test_load_model_puts_the_weights_on_the_device(tiny_checkpoint, device):
     model, tokenizer = load_model(tiny_checkpoint, device, torch.float32)
     assert model.device.type == torch.device(device).type and model.dtype == torch.float32
     assert tokenizer.eos_token_id is not None
+
+
+@pytest.mark.parametrize("setting,cuda,driver,expected", [
+    ("auto", True, "580.65.06", "cuda"),
+    ("auto", False, None, "cpu"),  # no GPU at all: the CPU, as asked
+    ("cpu", True, "580.65.06", "cpu"),
+    ("cuda", True, "590.1", "cuda"),
+])
+def test_device_resolution(setting, cuda, driver, expected):
+    assert resolve_device(setting, cuda, driver) == expected
+
+
+def test_a_gpu_that_torch_cannot_use_is_an_error_not_a_silent_cpu_fallback():
+    with pytest.raises(DeviceUnavailableError, match=r"driver 535.129.03.*R580.*FALCON_DEVICE=cpu"):
+        resolve_device("auto", cuda_available=False, driver="535.129.03")
+    with pytest.raises(DeviceUnavailableError, match="no NVIDIA driver"):
+        resolve_device("cuda", cuda_available=False, driver=None)
+
+
+def test_the_driver_version_is_read_from_the_kernel_module(tmp_path, monkeypatch):
+    from falcon_service.engine import loader
+
+    version = tmp_path / "version"
+    version.write_text("NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.95.05  Release Build  "
+                       "(dvs-builder@U22-I3-AF03-09-1)  Tue Sep 23 09:53:42 UTC 2025\nGCC version:  gcc 12\n")
+    real_path = loader.Path
+    monkeypatch.setattr(loader, "Path", lambda p: version if p == "/proc/driver/nvidia/version" else real_path(p))
+    assert loader.nvidia_driver() == "580.95.05"
+    version.write_text("NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.129.03  Thu Oct 19 18:56:32 UTC 2023\n")
+    assert loader.nvidia_driver() == "535.129.03"
