@@ -47,6 +47,10 @@ class Settings(BaseModel):
     api_key: str | None = Field(None, description="when set, /v1 requires `Authorization: Bearer <key>`")
     default_chat_stop: bool = Field(True, description=r"add `\nUser:` to chat requests' stop strings")
     timeout: int = Field(600, ge=1, description="BentoML traffic timeout in seconds")
+    drain_timeout: int | None = Field(
+        None, ge=0, description="after SIGTERM, seconds requests in flight may take to finish (new ones get 503); "
+        "default: the traffic timeout"
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="level of the service's own log lines (model loading, aborted requests)"
     )
@@ -56,6 +60,10 @@ class Settings(BaseModel):
         env = os.environ if environ is None else environ
         values = {name: env[ENV_PREFIX + name.upper()] for name in cls.model_fields if ENV_PREFIX + name.upper() in env}
         return cls.model_validate(values)
+
+    @property
+    def drain_seconds(self) -> int:
+        return self.timeout if self.drain_timeout is None else self.drain_timeout
 
     @property
     def model_name(self) -> str:

@@ -14,7 +14,9 @@ import os
 # OMP_NUM_THREADS=1 in the worker of a GPU service, so its value says nothing about the machine.)
 os.environ["OMP_NUM_THREADS"] = "1"
 
+import asyncio
 import logging
+import signal
 import threading
 from collections.abc import AsyncGenerator
 from http import HTTPStatus
@@ -26,6 +28,7 @@ import yaml
 from bentoml.exceptions import BentoMLException
 
 from .api.auth import check_api_key
+from .api.drain import Drain, DrainMiddleware
 from .api.errors import to_api_error
 from .api.protocol import ChatRequest, GenerateRequest
 from .api.routes import create_app, until_disconnect
@@ -51,6 +54,7 @@ SETTINGS = _settings()
 log.setLevel(SETTINGS.log_level)  # the package's loggers: model loading, aborted requests
 serving = OpenAIServing(SETTINGS.model_name, default_chat_stop=SETTINGS.default_chat_stop)
 openai_app = create_app(serving, SETTINGS.api_key)
+drain = Drain()
 
 
 def _bento_error(exc: BaseException) -> BentoMLException:
@@ -86,6 +90,40 @@ class FalconService:
         self.engine = None
         # Load in the background: /livez answers at once, /readyz and /health turn 200 when ready.
         threading.Thread(target=self._load, name="falcon-model-loader", daemon=True).start()
+        self._drain_on_sigterm()
+
+    def _drain_on_sigterm(self) -> None:
+        """On SIGTERM, drain before the server (uvicorn, whose handler is in place by now) shuts down: go
+        unready, answer new requests 503 with Retry-After, let those in flight finish (at most
+        FALCON_DRAIN_TIMEOUT seconds, then end them with an error), then hand the signal on."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # not inside a server (the service built directly, as tests do): nothing to drain
+        if threading.current_thread() is not threading.main_thread():
+            log.warning("not on the main thread: SIGTERM shuts down without draining")
+            return
+        previous = signal.getsignal(signal.SIGTERM)
+
+        def on_sigterm(sig: int, frame) -> None:
+            if drain.draining:  # the arbiter passes the signal on too
+                return
+            drain.begin()
+            log.info("SIGTERM: draining %d request(s) in flight, for at most %d s", drain.in_flight,
+                     SETTINGS.drain_seconds)
+            loop.call_soon_threadsafe(lambda: loop.create_task(self._drain_then_exit(previous, sig)))
+
+        signal.signal(signal.SIGTERM, on_sigterm)
+
+    async def _drain_then_exit(self, previous, sig: int) -> None:
+        if not await drain.wait_idle(SETTINGS.drain_seconds):
+            log.warning("drain time is up with %d request(s) in flight: ending them", drain.in_flight)
+            if self.engine is not None:
+                self.engine.shutdown()  # every stream ends with an error event, then [DONE]
+            await drain.wait_idle(10)
+        log.info("drained; shutting down")
+        if callable(previous):
+            previous(sig, None)
 
     def _load(self) -> None:
         try:
@@ -105,7 +143,7 @@ class FalconService:
             serving.fail(exc)
 
     def __is_ready__(self) -> bool:
-        return serving.ready
+        return serving.ready and not drain.draining
 
     def __is_alive__(self) -> bool:
         return self.load_error is None
@@ -133,3 +171,6 @@ class FalconService:
         except Exception as exc:
             raise _bento_error(exc) from exc
         return reply.model_dump(mode="json")
+
+
+FalconService.add_asgi_middleware(DrainMiddleware, drain=drain)

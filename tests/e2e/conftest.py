@@ -37,6 +37,7 @@ class Served:
     model: str
     log: Path
     api_key: str | None = None
+    pid: int = 0  # the `bentoml serve` process (its workers are its children)
 
 
 def _free_port() -> int:
@@ -97,7 +98,7 @@ def _serve(home: Path, model: str, log_path: Path, **settings: str) -> Iterator[
                 pytest.fail(f"`bentoml serve` was not ready after {STARTUP_TIMEOUT_S:.0f} s; "
                             f"log {log_path}:\n{_log_text(log_path)}", pytrace=False)
             time.sleep(0.25)
-        yield Served(url, model, log_path, settings.get("api_key"))
+        yield Served(url, model, log_path, settings.get("api_key"), proc.pid)
     finally:
         _stop(proc)
 
@@ -142,6 +143,21 @@ def narrow_server(bentoml_home: Path, model_tag, tmp_path_factory: pytest.TempPa
     """A server that decodes two sequences at a time and lets two more wait: the backpressure tests."""
     log = tmp_path_factory.mktemp("server_logs") / "narrow.log"
     yield from _serve(bentoml_home, model_tag.name, log, max_batch_size="2", max_queue_size="2")
+
+
+@pytest.fixture
+def make_server(bentoml_home: Path, model_tag, tmp_path: Path):
+    """Start a server of its own for one test (one the test may stop); stopped after the test."""
+    started = []
+
+    def make(name: str, **settings: str) -> Served:
+        gen = _serve(bentoml_home, model_tag.name, tmp_path / f"{name}.log", **settings)
+        started.append(gen)
+        return next(gen)
+
+    yield make
+    for gen in started:
+        gen.close()
 
 
 @pytest.fixture(scope="session")
