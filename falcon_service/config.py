@@ -17,6 +17,10 @@ class Settings(BaseModel):
     """Service settings; each field `x` is read from the environment variable `FALCON_X`."""
 
     model: str = Field("falcon-7b-instruct", description="BentoML model tag (name or name:version) to serve")
+    bake_model: bool = Field(
+        False, description="at `bentoml build`: put the model into the Bento and its image (air-gapped clusters); "
+        "by default the service loads it from the store at BENTOML_HOME, a volume"
+    )
     served_model_name: str | None = Field(None, description="model id clients send; default: the tag's name")
     device: Literal["auto", "cuda", "cpu"] = Field(
         "auto", description="auto: CUDA when PyTorch can use it, else the CPU (an error when a GPU is there but "

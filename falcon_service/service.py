@@ -25,7 +25,7 @@ from typing import Any
 
 import bentoml
 import yaml
-from bentoml.exceptions import BentoMLException
+from bentoml.exceptions import BentoMLException, NotFound
 
 from .api.auth import check_api_key
 from .api.drain import Drain, DrainMiddleware
@@ -38,19 +38,25 @@ from .config import Settings
 log = logging.getLogger("falcon_service")
 
 
-def _settings() -> Settings:
-    """Settings from the environment; inside a built Bento, FALCON_MODEL defaults to the model it was built with."""
+def _settings() -> tuple[Settings, bool]:
+    """Settings from the environment, and whether the model is part of the Bento (and so of its image).
+
+    At `bentoml build`, FALCON_BAKE_MODEL decides. Inside a built Bento, its manifest says; a Bento
+    that carries its model serves it unless FALCON_MODEL says otherwise; one that does not loads
+    FALCON_MODEL from the store at BENTOML_HOME (a volume that an init container fills).
+    """
     settings = Settings.from_env()
     manifest = Path(os.environ.get("BENTO_PATH", "")) / "bento.yaml"
-    if "FALCON_MODEL" not in os.environ and os.environ.get("BENTO_PATH") and manifest.is_file():
-        services = yaml.safe_load(manifest.read_text()).get("services") or [{}]
-        models = services[0].get("models") or []
-        if models:
-            settings = settings.model_copy(update={"model": models[0]["tag"]})
-    return settings
+    if not (os.environ.get("BENTO_PATH") and manifest.is_file()):
+        return settings, settings.bake_model
+    services = yaml.safe_load(manifest.read_text()).get("services") or [{}]
+    models = services[0].get("models") or []
+    if models and "FALCON_MODEL" not in os.environ:
+        settings = settings.model_copy(update={"model": models[0]["tag"]})
+    return settings, bool(models)
 
 
-SETTINGS = _settings()
+SETTINGS, MODEL_IN_BENTO = _settings()
 log.setLevel(SETTINGS.log_level)  # the package's loggers: model loading, aborted requests
 serving = OpenAIServing(SETTINGS.model_name, default_chat_stop=SETTINGS.default_chat_stop)
 openai_app = create_app(serving, SETTINGS.api_key)
@@ -83,7 +89,8 @@ def _authorize(ctx: bentoml.Context) -> None:
 class FalconService:
     """Falcon-7B-Instruct with continuous batching and an OpenAI-compatible API at `/v1`."""
 
-    model_ref = bentoml.models.BentoModel(SETTINGS.model)
+    if MODEL_IN_BENTO:  # else loaded from the store at BENTOML_HOME when the service starts
+        model_ref = bentoml.models.BentoModel(SETTINGS.model)
 
     def __init__(self) -> None:
         self.load_error: BaseException | None = None
@@ -130,17 +137,30 @@ class FalconService:
             from .engine.loader import load_engine
             from .metrics import ServiceMetrics
 
-            if self.model_ref.info.labels.get("random_weights") == "true":
+            model = self._stored_model()
+            if model.info.labels.get("random_weights") == "true":
                 log.warning("serving %s: RANDOM WEIGHTS, for trying the plumbing only; its text is noise",
-                            self.model_ref.tag)
-            log.info("loading %s", self.model_ref.tag)
-            self.engine = load_engine(self.model_ref.path, SETTINGS.engine_options(),
+                            model.tag)
+            log.info("loading %s", model.tag)
+            self.engine = load_engine(model.path, SETTINGS.engine_options(),
                                       observer=ServiceMetrics(SETTINGS.model_name))
             serving.attach(self.engine)
         except BaseException as exc:  # reported by __is_alive__ so that the orchestrator restarts us
             log.exception("loading the model failed")
             self.load_error = exc
             serving.fail(exc)
+
+    def _stored_model(self) -> bentoml.Model:
+        """The model in the Bento, or else in the store at BENTOML_HOME."""
+        if MODEL_IN_BENTO:
+            return self.model_ref  # the stored model (BentoModel resolves on an instance)
+        try:
+            return bentoml.models.get(SETTINGS.model)
+        except NotFound:
+            home = os.environ.get("BENTOML_HOME", "~/bentoml")
+            raise NotFound(f"model {SETTINGS.model} is not in the store at BENTOML_HOME={home}: import it there "
+                           "first (`python import_model.py`; the Kubernetes init container does), or build a Bento "
+                           "that carries it (FALCON_BAKE_MODEL=true bentoml build)") from None
 
     def __is_ready__(self) -> bool:
         return serving.ready and not drain.draining

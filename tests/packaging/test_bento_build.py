@@ -1,5 +1,5 @@
-"""`bentoml build` makes a Bento with the service source, the model reference, pinned requirements
-and a Dockerfile that installs them, and nothing else."""
+"""`bentoml build` makes a Bento with the service source, pinned requirements and a Dockerfile that
+installs them, and nothing else; the model only when it is to be baked into the image."""
 
 from __future__ import annotations
 
@@ -17,11 +17,9 @@ sys.path.insert(0, str(REPO))
 from import_model import import_random  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def bento(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    home = tmp_path_factory.mktemp("bentoml_home")
-    tag = str(import_random("tiny", bentoml_home=home))
-    env = {**os.environ, "BENTOML_HOME": str(home), "FALCON_MODEL": tag.split(":")[0], "BENTOML_DO_NOT_TRACK": "True"}
+def build(home: Path, tag: str, bake: bool) -> Path:
+    env = {**os.environ, "BENTOML_HOME": str(home), "FALCON_MODEL": tag.split(":")[0], "BENTOML_DO_NOT_TRACK": "True",
+           "FALCON_BAKE_MODEL": str(bake).lower()}
     out = subprocess.run(
         [str(Path(sys.executable).with_name("bentoml")), "build", "--output", "tag"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
@@ -31,7 +29,27 @@ def bento(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     name, version = bento_tag.split(":")
     path = home / "bentos" / name / version
     assert path.is_dir(), bento_tag
-    return path, tag
+    return path
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    home = tmp_path_factory.mktemp("bentoml_home")
+    return home, str(import_random("tiny", bentoml_home=home))
+
+
+@pytest.fixture(scope="module")
+def bento(store: tuple[Path, str]) -> tuple[Path, str]:
+    """The default Bento: the model stays out (loaded from a volume's store at run time)."""
+    home, tag = store
+    return build(home, tag, bake=False), tag
+
+
+@pytest.fixture(scope="module")
+def baked_bento(store: tuple[Path, str]) -> tuple[Path, str]:
+    """A Bento that carries its model (for clusters without access to a model source)."""
+    home, tag = store
+    return build(home, tag, bake=True), tag
 
 
 def test_bento_holds_service_source_and_nothing_else(bento: tuple[Path, str]) -> None:
@@ -47,11 +65,20 @@ def test_bento_holds_service_source_and_nothing_else(bento: tuple[Path, str]) ->
     assert total < 2 * 2**20, f"Bento is {total} bytes: something big slipped in"
 
 
-def test_bento_references_the_model_and_one_gpu(bento: tuple[Path, str]) -> None:
-    path, tag = bento
+def test_the_default_bento_leaves_the_model_out_and_a_baked_one_references_it(
+        bento: tuple[Path, str], baked_bento: tuple[Path, str]) -> None:
+    assert not yaml.safe_load((bento[0] / "bento.yaml").read_text())["services"][0].get("models")
+    path, tag = baked_bento
+    manifest = yaml.safe_load((path / "bento.yaml").read_text())
+    assert [m["tag"] for m in manifest["services"][0]["models"]] == [tag]
+    # the init container of the volume layout runs the importer from the Bento's source
+    assert (bento[0] / "src" / "import_model.py").is_file()
+
+
+def test_bento_asks_for_one_gpu_and_one_worker(bento: tuple[Path, str]) -> None:
+    path, _ = bento
     manifest = yaml.safe_load((path / "bento.yaml").read_text())
     service = manifest["services"][0]
-    assert [m["tag"] for m in service["models"]] == [tag]
     assert service["config"]["resources"] == {"gpu": 1}
     assert service["config"]["workers"] == 1
     assert service["config"]["traffic"]["timeout"] >= 600
@@ -70,12 +97,22 @@ def test_bento_pins_requirements_and_dockerfile_installs_them(bento: tuple[Path,
     assert "download.pytorch.org/whl/cpu" not in dockerfile
 
 
-def test_service_in_bento_defaults_to_the_bentos_model(bento: tuple[Path, str]) -> None:
-    path, tag = bento
-    env = {k: v for k, v in os.environ.items() if k != "FALCON_MODEL"}
-    env.update(BENTO_PATH=str(path), BENTOML_HOME=str(path.parents[2]), PYTHONPATH=str(path / "src"))
-    code = "from falcon_service.service import SETTINGS; print(SETTINGS.model, SETTINGS.model_name)"
+def service_settings(path: Path, **env_vars: str) -> list[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FALCON_")}
+    env.update(BENTO_PATH=str(path), BENTOML_HOME=str(path.parents[2]), PYTHONPATH=str(path / "src"), **env_vars)
+    code = ("from falcon_service.service import SETTINGS, MODEL_IN_BENTO; "
+            "print(SETTINGS.model, SETTINGS.model_name, MODEL_IN_BENTO)")
     out = subprocess.run([sys.executable, "-c", code], cwd=path / "src", env=env, capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == [tag, tag.split(":")[0]]
+    return out.stdout.split()
+
+
+def test_service_in_a_baked_bento_defaults_to_the_bentos_model(baked_bento: tuple[Path, str]) -> None:
+    path, tag = baked_bento
+    assert service_settings(path) == [tag, tag.split(":")[0], "True"]
+
+
+def test_service_in_the_default_bento_loads_the_model_from_the_store(bento: tuple[Path, str]) -> None:
+    path, tag = bento
+    assert service_settings(path, FALCON_MODEL=tag) == [tag, tag.split(":")[0], "False"]
