@@ -173,7 +173,7 @@ class FalconService:
         """Stream the completion of `prompt` as text chunks."""
         _authorize(ctx)
         try:
-            chunks = serving.generate(GenerateRequest(**params))
+            chunks = await serving.generate(GenerateRequest(**params))
             first = await anext(chunks, None)
         except Exception as exc:
             raise _bento_error(exc) from exc

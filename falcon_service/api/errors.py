@@ -83,11 +83,12 @@ def _param(loc: tuple) -> str | None:
 
 def validation_error(errors: list[dict]) -> APIError:
     """The 400 for a request that failed validation (pydantic's error list), naming the first bad field."""
-    first = errors[0] if errors else {}
+    # a union field reports each alternative's failure; a check of ours (value_error) says the most
+    first = next((e for e in errors if e.get("type") == "value_error"), errors[0] if errors else {})
     if first.get("type") == "json_invalid":
         return bad_request("The request body is not valid JSON.")
     param = _param(tuple(first.get("loc", ())))
-    msg = first.get("msg", "invalid request")
+    msg = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
     return bad_request(f"Invalid value for `{param}`: {msg}" if param else msg, param=param)
 
 
@@ -110,8 +111,36 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _mapped(_: Request, exc: Exception) -> JSONResponse:
         return to_api_error(exc).response()
 
-    # Each failure class gets its own handler: Starlette answers a bare `Exception` handler from its
-    # outermost middleware and then re-raises, which closes the client's keep-alive connection.
+    # Each failure class gets its own handler. Anything else is caught by `CatchAll`, not by a handler
+    # for `Exception`: Starlette answers that one from its outermost middleware and then re-raises,
+    # which drops the client's keep-alive connection with no `Connection: close`.
     for cls in (QueueFullError, EngineError, ValueError):
         app.add_exception_handler(cls, _mapped)
-    app.add_exception_handler(Exception, _mapped)
+    app.add_middleware(CatchAll)
+
+
+class CatchAll:
+    """Turns an unexpected failure into a 500 error object, like any other error: the connection stays
+    usable. (Once a response has begun, as a stream has, nothing can be sent instead: then it re-raises.)"""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            if started:
+                raise
+            response = to_api_error(exc).response()
+            await response(scope, receive, send)

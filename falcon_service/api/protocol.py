@@ -7,11 +7,12 @@ implement are rejected in `unsupported_fields`.
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
-from typing import Any, Generic, Literal, TypeVar
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, field_serializer, field_validator, model_validator
 
 from ..engine.request import FinishReason
 
@@ -21,8 +22,35 @@ MAX_TOP_LOGPROBS = 20
 ChoiceT = TypeVar("ChoiceT")
 
 
+# JSON's types as they are: `true` is not a number, `1` is not a boolean, `5.0` is not a count
+SInt = Annotated[int, Strict()]
+SFloat = Annotated[float, Strict()]
+SBool = Annotated[bool, Strict()]
+
+
+def _unpaired_surrogate(value: Any) -> bool:
+    """Whether a string (or a list of them) holds a lone UTF-16 surrogate such as "\\ud800": JSON can
+    carry one, but it is no Unicode text (it cannot be encoded, tokenized or echoed)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, list):
+        return any(_unpaired_surrogate(v) for v in value)
+    return False
+
+
 class OpenAIBaseModel(BaseModel):
     model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="after")
+    def _valid_text(self) -> OpenAIBaseModel:
+        for name in type(self).model_fields:
+            if _unpaired_surrogate(getattr(self, name)):
+                raise ValueError(f"`{name}` is not valid text: it holds an unpaired UTF-16 surrogate")
+        return self
 
 
 # ---------- requests ----------
@@ -40,24 +68,24 @@ class ChatMessage(OpenAIBaseModel):
 
 
 class StreamOptions(OpenAIBaseModel):
-    include_usage: bool | None = False
-    continuous_usage_stats: bool | None = False
+    include_usage: SBool | None = False
+    continuous_usage_stats: SBool | None = False
 
 
 class SamplingFields(OpenAIBaseModel):
     """How to generate: the fields every generation request shares, OpenAI's and the native APIs'."""
 
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=-1)
+    max_tokens: SInt | None = Field(None, ge=1)
+    temperature: SFloat | None = Field(None, ge=0.0, le=2.0)
+    top_p: SFloat | None = Field(None, gt=0.0, le=1.0)
+    top_k: SInt | None = Field(None, ge=-1)
     stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=-(2**63), lt=2**64)
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
-    logit_bias: dict[str, float] | None = None
-    ignore_eos: bool | None = False
+    seed: SInt | None = Field(None, ge=-(2**63), lt=2**64)
+    presence_penalty: SFloat | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: SFloat | None = Field(None, ge=-2.0, le=2.0)
+    repetition_penalty: SFloat | None = Field(None, gt=0.0, le=10.0)
+    logit_bias: dict[str, SFloat] | None = None
+    ignore_eos: SBool | None = False
 
     @field_validator("stop")
     @classmethod
@@ -73,8 +101,8 @@ class SamplingFields(OpenAIBaseModel):
     @classmethod
     def _bias_range(cls, v: dict[str, float] | None) -> dict[str, float] | None:
         for key, value in (v or {}).items():
-            if not key.lstrip("-").isdigit():
-                raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
+            if not re.fullmatch(r"[0-9]{1,10}", key):  # ASCII digits: "٣" is not token 3
+                raise ValueError(f"logit_bias keys must be token ids (ASCII digits), got {key!r}")
             if not -100 <= value <= 100:
                 raise ValueError(f"logit_bias values must be between -100 and 100, got {value}")
         return v
@@ -87,9 +115,9 @@ class OpenAIRequest(SamplingFields):
     """What OpenAI's chat and completions requests add to the sampling fields."""
 
     model: str
-    stream: bool | None = False
+    stream: SBool | None = False
     stream_options: StreamOptions | None = None
-    n: int | None = Field(1, ge=1, le=MAX_N)
+    n: SInt | None = Field(1, ge=1, le=MAX_N)
     user: str | None = None
 
     @property
@@ -129,10 +157,10 @@ def unsupported_field(body: BaseModel) -> tuple[str, str] | None:
 
 class ChatCompletionRequest(OpenAIRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool | None = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    default_stop: bool = True  # extra: False drops the server's default chat stop strings for this request
+    max_completion_tokens: SInt | None = Field(None, ge=1)
+    logprobs: SBool | None = False
+    top_logprobs: SInt | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    default_stop: SBool = True  # extra: False drops the server's default chat stop strings for this request
 
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
@@ -146,11 +174,11 @@ class ChatCompletionRequest(OpenAIRequest):
 
 
 class CompletionRequest(OpenAIRequest):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)
-    logprobs: int | None = Field(None, ge=0, le=5)
-    echo: bool | None = False
-    best_of: int | None = Field(None, ge=1, le=MAX_N)
+    prompt: str | list[str] | list[SInt] | list[list[SInt]]
+    max_tokens: SInt | None = Field(16, ge=1)
+    logprobs: SInt | None = Field(None, ge=0, le=5)
+    echo: SBool | None = False
+    best_of: SInt | None = Field(None, ge=1, le=MAX_N)
 
     @model_validator(mode="after")
     def _best_of_is_n(self) -> CompletionRequest:
@@ -167,7 +195,7 @@ class GenerateRequest(SamplingFields):
     """The native `generate` API (`bentoml.SyncHTTPClient`): a prompt, its completion streamed as text."""
 
     prompt: str = Field(min_length=1)
-    max_tokens: int | None = Field(256, ge=1)
+    max_tokens: SInt | None = Field(256, ge=1)
 
 
 class ChatRequest(SamplingFields):

@@ -51,11 +51,11 @@ def _respond(result: BaseModel | AsyncIterator[str]) -> JSONResponse | Streaming
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-async def _answer(request: Request, stream: bool | None, streamed: Callable[[], AsyncIterator[str]],
+async def _answer(request: Request, stream: bool | None, streamed: Callable[[], Awaitable[AsyncIterator[str]]],
                   whole: Callable[[], Awaitable[BaseModel]]) -> JSONResponse | StreamingResponse:
     """SSE lines when the body asks to stream, else the whole response (cancelled if the client leaves)."""
     if stream:
-        return _respond(streamed())
+        return _respond(await streamed())
     return _respond(await until_disconnect(request, whole()))
 
 

@@ -105,6 +105,7 @@ class OpenAIServing:
         self.engine: Engine | None = None
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.load_failure: str | None = None
+        self._token_chars: int | None = None  # the longest token's length in characters
 
     def attach(self, engine: Engine) -> None:
         self.tokenizer = engine.tokenizer
@@ -154,7 +155,7 @@ class OpenAIServing:
             )
         bias: dict[int, float] = {}
         for key, value in (body.logit_bias or {}).items():
-            token = int(key)
+            token = int(key)  # ASCII digits, checked by the protocol
             if not 0 <= token < engine.vocab_size:
                 raise bad_request(f"logit_bias token id {token} is outside the vocabulary", param="logit_bias")
             bias[token] = value
@@ -173,11 +174,31 @@ class OpenAIServing:
             ignore_eos=bool(body.ignore_eos),
         )
 
-    def _prepare_chat(self, body: ChatCompletionRequest) -> _Prepared:
+    def _refuse_if_surely_too_long(self, engine: Engine, chars: int, param: str) -> None:
+        """A text longer than the context could hold even at the tokenizer's longest tokens is refused before
+        any work: tokenizing a megabyte of text takes seconds."""
+        if chars > engine.max_model_len * self._max_token_chars(engine):
+            raise bad_request(
+                f"This model's maximum context length is {engine.max_model_len} tokens; the input has {chars} "
+                "characters, more than that many tokens can hold. Shorten it.", param=param,
+                code="context_length_exceeded")
+
+    def _max_token_chars(self, engine: Engine) -> int:
+        if self._token_chars is None:
+            vocab = engine.tokenizer.get_vocab()
+            self._token_chars = max((len(t) for t in vocab), default=1)
+        return self._token_chars
+
+    async def _prepare_chat(self, body: ChatCompletionRequest) -> _Prepared:
         engine = self._check_common(body)
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
-        prompt = chat.render(messages, engine.tokenizer)
-        ids = engine.tokenizer.encode(prompt, add_special_tokens=False)
+        self._refuse_if_surely_too_long(engine, sum(len(str(m.get("content") or "")) for m in messages), "messages")
+
+        def tokenize() -> tuple[str, list[int]]:
+            prompt = chat.render(messages, engine.tokenizer)
+            return prompt, engine.tokenizer.encode(prompt, add_special_tokens=False)
+
+        prompt, ids = await asyncio.to_thread(tokenize)  # off the event loop: the server answers meanwhile
         stop = body.stop_list()
         if self.default_chat_stop and body.default_stop:
             stop += [s for s in chat.DEFAULT_CHAT_STOP if s not in stop]
@@ -186,7 +207,7 @@ class OpenAIServing:
                               "max_completion_tokens" if body.max_completion_tokens else "max_tokens")
         return _Prepared([GenerationRequest(tuple(ids), params, body.n or 1, new_id("req"))], [prompt])
 
-    def _prepare_completion(self, body: CompletionRequest) -> _Prepared:
+    async def _prepare_completion(self, body: CompletionRequest) -> _Prepared:
         engine = self._check_common(body)
         if body.echo and body.logprobs is not None:
             raise bad_request("echo together with logprobs is not supported", param="echo")
@@ -202,7 +223,9 @@ class OpenAIServing:
         requests, texts = [], []
         for p in prompts:
             if isinstance(p, str):
-                ids, text = engine.tokenizer.encode(p, add_special_tokens=False), p
+                self._refuse_if_surely_too_long(engine, len(p), "prompt")
+                ids = await asyncio.to_thread(engine.tokenizer.encode, p, add_special_tokens=False)
+                text = p
             else:
                 if any(not 0 <= t < engine.vocab_size for t in p):
                     raise bad_request("prompt token ids must be inside the vocabulary", param="prompt")
@@ -297,8 +320,8 @@ class OpenAIServing:
 
     @staticmethod
     def _abort_unfinished(streams: Seq[RequestStream]) -> None:
-        """Stop what nobody will read any more (the client hung up, or a failure ended the response)."""
-        unfinished = [s for s in streams if not s.finished]
+        """Stop what nobody will read any more (the client hung up, or a failure ended the response); once."""
+        unfinished = [s for s in streams if not s.finished and not s.aborted]
         for s in unfinished:
             s.abort()
         if unfinished:
@@ -339,7 +362,7 @@ class OpenAIServing:
     # ---------- chat ----------
 
     async def chat(self, body: ChatCompletionRequest) -> ChatCompletionResponse:
-        prepared = self._prepare_chat(body)
+        prepared = await self._prepare_chat(body)
         streams = self._submit(prepared)
         n = body.n or 1
         texts, logprobs, finish = await self._collect(streams, [""] * n)
@@ -351,16 +374,16 @@ class OpenAIServing:
         return ChatCompletionResponse(id=new_id("chatcmpl"), created=now(), model=self.model_name,
                                       choices=choices, usage=self._usage(streams))
 
-    def chat_stream(self, body: ChatCompletionRequest) -> AsyncIterator[str]:
+    async def chat_stream(self, body: ChatCompletionRequest) -> AsyncIterator[str]:
         """Validate and submit now (errors raise before any byte is sent); return the SSE lines."""
-        prepared = self._prepare_chat(body)
+        prepared = await self._prepare_chat(body)
         streams = self._submit(prepared)
         return self._sse(streams, ChatChunks(self, body))
 
     # ---------- completions ----------
 
     async def completion(self, body: CompletionRequest) -> CompletionResponse:
-        prepared = self._prepare_completion(body)
+        prepared = await self._prepare_completion(body)
         streams = self._submit(prepared)
         n = body.n or 1
         total = n * len(streams)
@@ -374,17 +397,17 @@ class OpenAIServing:
         return CompletionResponse(id=new_id("cmpl"), created=now(), model=self.model_name, choices=choices,
                                   usage=self._usage(streams))
 
-    def completion_stream(self, body: CompletionRequest) -> AsyncIterator[str]:
-        prepared = self._prepare_completion(body)
+    async def completion_stream(self, body: CompletionRequest) -> AsyncIterator[str]:
+        prepared = await self._prepare_completion(body)
         streams = self._submit(prepared)
         return self._sse(streams, CompletionChunks(self, body, prepared.prompt_texts, len(streams)))
 
     # ---------- the native BentoML APIs ----------
 
-    def generate(self, body: GenerateRequest) -> AsyncIterator[str]:
+    async def generate(self, body: GenerateRequest) -> AsyncIterator[str]:
         """Plain text deltas of the completion of one prompt (validated and submitted now)."""
         request = CompletionRequest(model=self.model_name, **body.model_dump(exclude_none=True))
-        streams = self._submit(self._prepare_completion(request))
+        streams = self._submit(await self._prepare_completion(request))
         return self._text(streams)
 
     async def _text(self, streams: list[RequestStream]) -> AsyncIterator[str]:

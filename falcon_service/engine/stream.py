@@ -48,6 +48,7 @@ class RequestStream:
         self._observer = observer
         self._queue: asyncio.Queue[Item] = asyncio.Queue()
         self._open = request.n
+        self._aborted = False
         # engine-thread side: which choices ended how, and tokens made
         self._ended: dict[int, FinishReason] = {}
         self._generated: dict[int, int] = {}
@@ -61,9 +62,14 @@ class RequestStream:
         """Every choice has ended, as the engine thread knows it (`finished` is the caller's view)."""
         return len(self._ended) == self.request.n
 
+    @property
+    def aborted(self) -> bool:
+        return self._aborted
+
     def abort(self) -> None:
         """Stop generating for this request; its sequences leave the batch at the next step."""
-        if not self.finished:
+        if not self.finished and not self._aborted:
+            self._aborted = True
             self._on_abort(self)
 
     def __aiter__(self) -> AsyncIterator[ChoiceEvent]:

@@ -18,19 +18,19 @@ def chat(**fields) -> ChatCompletionRequest:
 
 
 async def test_default_chat_stop_is_added_and_can_be_turned_off(api) -> None:
-    stop = api.serving._prepare_chat(chat(stop="END")).requests[0].params.stop
+    stop = (await api.serving._prepare_chat(chat(stop="END"))).requests[0].params.stop
     assert list(stop) == ["END", *DEFAULT_CHAT_STOP]
-    off = api.serving._prepare_chat(chat(stop="END", default_stop=False)).requests[0].params.stop
+    off = (await api.serving._prepare_chat(chat(stop="END", default_stop=False))).requests[0].params.stop
     assert list(off) == ["END"]
     api.serving.default_chat_stop = False  # FALCON_DEFAULT_CHAT_STOP=false
-    assert api.serving._prepare_chat(chat()).requests[0].params.stop == ()
+    assert (await api.serving._prepare_chat(chat())).requests[0].params.stop == ()
 
 
 async def test_max_tokens_defaults_to_what_the_context_leaves(api) -> None:
     engine: Engine = api.engine
-    request = api.serving._prepare_chat(chat()).requests[0]
+    request = (await api.serving._prepare_chat(chat())).requests[0]
     assert request.params.max_tokens == engine.max_model_len - len(request.prompt_ids)
-    assert api.serving._prepare_chat(chat(max_completion_tokens=7)).requests[0].params.max_tokens == 7
+    assert (await api.serving._prepare_chat(chat(max_completion_tokens=7))).requests[0].params.max_tokens == 7
 
 
 async def test_chat_logprobs_have_one_entry_per_token_with_sorted_alternatives(api) -> None:
@@ -69,8 +69,8 @@ async def test_a_stream_closed_after_its_role_chunk_aborts_the_request(api) -> N
 
     engine.observer = Recorder()
     streams = [
-        api.serving.chat_stream(chat(max_tokens=1500, ignore_eos=True, stream=True)),
-        api.serving.completion_stream(CompletionRequest(model=MODEL_NAME, prompt="Hi", max_tokens=1500,
+        await api.serving.chat_stream(chat(max_tokens=1500, ignore_eos=True, stream=True)),
+        await api.serving.completion_stream(CompletionRequest(model=MODEL_NAME, prompt="Hi", max_tokens=1500,
                                                         ignore_eos=True, stream=True, echo=True)),
     ]
     for sse in streams:
