@@ -48,7 +48,19 @@ class Settings(BaseModel):
         512, ge=1, description="prompt tokens prefilled per engine step; longer prompts go in chunks"
     )
     max_queue_size: int = Field(256, ge=0, description="requests waiting for a batch slot before 429")
-    api_key: str | None = Field(None, description="when set, /v1 requires `Authorization: Bearer <key>`")
+    api_key: str | None = Field(
+        None, description="when set, requests need `Authorization: Bearer <key>` (see api_key_scope)"
+    )
+    api_key_scope: Literal["api", "all"] = Field(
+        "api", description="what the key guards: `api` every path but the probes, /metrics and the docs; `all` "
+        "every path but the probes (/livez, /readyz, /healthz, /health)"
+    )
+    max_body_bytes: int = Field(4 * 2**20, ge=1024, description="larger request bodies get 413 before they are read")
+    body_timeout: float = Field(30.0, gt=0, description="seconds a request body may stall between chunks (then 408)")
+    head_timeout: float = Field(
+        15.0, gt=0, description="seconds a connection has to send a whole request head, after it opens or after "
+        "its previous response (then it is closed)"
+    )
     default_chat_stop: bool = Field(True, description=r"add `\nUser:` to chat requests' stop strings")
     timeout: int = Field(600, ge=1, description="BentoML traffic timeout in seconds")
     drain_timeout: int | None = Field(

@@ -27,13 +27,13 @@ import bentoml
 import yaml
 from bentoml.exceptions import BentoMLException, NotFound
 
-from .api.auth import check_api_key
-from .api.drain import Drain, DrainMiddleware
 from .api.errors import to_api_error
+from .api.gateway import Drain, GatewayRules
 from .api.protocol import ChatRequest, GenerateRequest
-from .api.routes import create_app, until_disconnect
+from .api.routes import create_app, served_paths, until_disconnect
 from .api.serving import OpenAIServing
 from .config import Settings
+from .http_server import install_gateway, limit_request_heads
 
 log = logging.getLogger("falcon_service")
 
@@ -68,14 +68,6 @@ def _bento_error(exc: BaseException) -> BentoMLException:
     err = to_api_error(exc)
     status = HTTPStatus(err.status) if err.status in HTTPStatus._value2member_map_ else HTTPStatus.BAD_REQUEST
     return BentoMLException(err.message, error_code=status)
-
-
-def _authorize(ctx: bentoml.Context) -> None:
-    """The native APIs take the same API key as /v1 (`bentoml.SyncHTTPClient(url, token=key)`)."""
-    try:
-        check_api_key(ctx.request.headers.get("authorization"), SETTINGS.api_key)
-    except Exception as exc:
-        raise _bento_error(exc) from exc
 
 
 @bentoml.asgi_app(openai_app, path="/")
@@ -171,8 +163,7 @@ class FalconService:
     @bentoml.api(input_spec=GenerateRequest)
     async def generate(self, ctx: bentoml.Context, **params: Any) -> AsyncGenerator[str, None]:
         """Stream the completion of `prompt` as text chunks."""
-        _authorize(ctx)
-        try:
+        try:  # the API key was checked by the gateway (api/gateway.py), as for every route
             chunks = await serving.generate(GenerateRequest(**params))
             first = await anext(chunks, None)
         except Exception as exc:
@@ -185,7 +176,6 @@ class FalconService:
     @bentoml.api(input_spec=ChatRequest)
     async def chat(self, ctx: bentoml.Context, **params: Any) -> dict[str, Any]:
         """Answer a conversation; returns the reply, the finish reason and token usage."""
-        _authorize(ctx)
         try:  # a client that hangs up (or times out) aborts the generation, as on /v1
             reply = await until_disconnect(ctx.request, serving.chat_reply(ChatRequest(**params)))
         except Exception as exc:
@@ -193,4 +183,20 @@ class FalconService:
         return reply.model_dump(mode="json")
 
 
-FalconService.add_asgi_middleware(DrainMiddleware, drain=drain)
+
+def _gateway_rules() -> GatewayRules:
+    """The server's routes (BentoML's own, the native APIs, the OpenAI app's) and the front door's settings."""
+    bentoml_routes = {"/", "/docs.json", "/schema.json", "/metrics"}
+    native = {api.route for api in FalconService.apis.values()}
+    openai = served_paths(openai_app)
+    return GatewayRules(
+        api_key=SETTINGS.api_key, key_scope=SETTINGS.api_key_scope, max_body_bytes=SETTINGS.max_body_bytes,
+        body_timeout=SETTINGS.body_timeout, routes=frozenset(bentoml_routes | native | openai),
+        route_prefixes=("/static_content/", "/assets/"),
+        open_paths=frozenset({"/", "/docs.json", "/schema.json", "/metrics", "/v1/openapi.json"}),
+        native_apis=frozenset(native),
+    )
+
+
+install_gateway(_gateway_rules(), drain)
+limit_request_heads(SETTINGS.head_timeout)

@@ -192,14 +192,20 @@ class CompletionRequest(OpenAIRequest):
 
 
 class GenerateRequest(SamplingFields):
-    """The native `generate` API (`bentoml.SyncHTTPClient`): a prompt, its completion streamed as text."""
+    """The native `generate` API (`bentoml.SyncHTTPClient`): a prompt, its completion streamed as text.
+    Unknown fields are refused: a typo here would otherwise be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
 
     prompt: str = Field(min_length=1)
     max_tokens: SInt | None = Field(256, ge=1)
 
 
 class ChatRequest(SamplingFields):
-    """The native `chat` API: a conversation, answered with the reply, its finish reason and usage."""
+    """The native `chat` API: a conversation, answered with the reply, its finish reason and usage.
+    Unknown fields are refused."""
+
+    model_config = ConfigDict(extra="forbid")
 
     messages: list[ChatMessage] = Field(min_length=1)
 

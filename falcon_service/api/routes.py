@@ -101,3 +101,9 @@ def create_app(serving: OpenAIServing, api_key: str | None = None) -> FastAPI:
         return JSONResponse({"status": "ok"})
 
     return app
+
+
+def served_paths(app: FastAPI) -> set[str]:
+    """The exact paths the app serves (its documented routes and the schema itself); the catch-all that
+    answers unknown /v1 paths is not one of them."""
+    return set(app.openapi()["paths"]) | ({app.openapi_url} if app.openapi_url else set())

@@ -145,6 +145,15 @@ def narrow_server(bentoml_home: Path, model_tag, tmp_path_factory: pytest.TempPa
     yield from _serve(bentoml_home, model_tag.name, log, max_batch_size="2", max_queue_size="2")
 
 
+@pytest.fixture(scope="session")
+def edge_server(bentoml_home: Path, model_tag, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """A server with the front door's limits set low for the hardening tests: the key guards everything
+    but the probes, 64 KiB bodies, 2 s to send a request head or the next piece of a body."""
+    log = tmp_path_factory.mktemp("server_logs") / "edge.log"
+    yield from _serve(bentoml_home, model_tag.name, log, api_key=API_KEY, api_key_scope="all",
+                      max_body_bytes="65536", head_timeout="2", body_timeout="2")
+
+
 @pytest.fixture
 def make_server(bentoml_home: Path, model_tag, tmp_path: Path):
     """Start a server of its own for one test (one the test may stop); stopped after the test."""
