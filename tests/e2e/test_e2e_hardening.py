@@ -151,3 +151,14 @@ def test_a_native_api_refuses_multipart_with_a_415(server):
 def test_the_bentoml_client_sees_the_message(bento):
     with pytest.raises(BentoMLException, match="temperature"):
         list(bento.generate(prompt="The falcon", temperature=5))
+
+
+def test_a_lone_surrogate_is_a_400_and_the_connection_serves_the_next_request(server):
+    raw = ('{"model": "%s", "messages": [{"role": "user", "content": "hi \\ud800"}], "max_tokens": 2}'
+           % server.model).encode()
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        error = assert_openai_error(c.post("/v1/chat/completions", content=raw,
+                                           headers={"content-type": "application/json"}), 400)
+        assert "surrogate" in error["message"]
+        again = c.post("/v1/chat/completions", json={"model": server.model, "messages": HELLO, "max_tokens": 2})
+        assert again.status_code == 200
