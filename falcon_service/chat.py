@@ -8,8 +8,8 @@ from typing import Any
 # Falcon-7B-Instruct goes on writing the next dialogue turn itself; chat requests stop there by default.
 DEFAULT_CHAT_STOP: list[str] = ["\nUser:"]
 
-ROLES = ("system", "user", "assistant")
-_SPEAKERS = {"user": "User", "assistant": "Assistant"}
+ROLES = ("system", "user", "assistant", "tool")
+_SPEAKERS = {"user": "User", "assistant": "Assistant", "tool": "Tool result"}
 
 
 class ChatTemplateError(ValueError):
@@ -44,17 +44,26 @@ def _plain_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any
             raise ChatTemplateError(
                 f"messages[{i}] has unknown role {role!r}; allowed roles are {', '.join(ROLES)}"
             )
-        plain.append({**message, "content": message_text(message.get("content"))})
+        text = message_text(message.get("content"))
+        calls = message.get("tool_calls") or []
+        if calls:  # an assistant's earlier tool calls, as the model would have written them
+            written = [f'{{"name": "{c["function"]["name"]}", "arguments": {c["function"]["arguments"]}}}'
+                       for c in calls]
+            text = "\n".join([text, *written]).strip()
+        plain.append({**message, "content": text})
     return plain
 
 
-def render(messages: Sequence[Mapping[str, Any]], tokenizer: Any = None) -> str:
-    """The whole conversation as one prompt ending where the assistant's reply begins.
+def render(messages: Sequence[Mapping[str, Any]], tokenizer: Any = None, system: str | None = None) -> str:
+    """The whole conversation as one prompt ending where the assistant's reply begins; `system` is more
+    system text (what tools there are).
 
     Uses the tokenizer's chat template if it has one, otherwise Falcon's plain format: system
-    text first, then `User: ...` / `Assistant: ...` lines, ending with `Assistant:`.
+    text first, then `User: ...` / `Assistant: ...` (and `Tool result: ...`) lines, ending with `Assistant:`.
     """
     plain = _plain_messages(messages)
+    if system:
+        plain = [{"role": "system", "content": system}, *plain]
     if tokenizer is not None and getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=True)
     lines = [m["content"] for m in plain if m["role"] == "system"]

@@ -61,13 +61,26 @@ def test_tokenizer_chat_template_is_used(tiny_checkpoint):
 
 
 def test_unknown_role_is_rejected_naming_it_and_the_allowed_roles():
-    messages = [{"role": "user", "content": "Hi"}, {"role": "tool", "content": "42"}]
+    messages = [{"role": "user", "content": "Hi"}, {"role": "robot", "content": "42"}]
     with pytest.raises(ChatTemplateError) as excinfo:
         render(messages)
     message = str(excinfo.value)
-    assert "'tool'" in message and "messages[1]" in message
-    assert all(role in message for role in ("system", "user", "assistant"))
+    assert "'robot'" in message and "messages[1]" in message
+    assert all(role in message for role in ("system", "user", "assistant", "tool"))
     assert isinstance(excinfo.value, ValueError)
+
+
+def test_tool_calls_and_their_results_are_rendered_into_the_history():
+    messages = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": '{"city":"Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "18 C, sunny"},
+    ]
+    prompt = render(messages, system="You can call weather.")
+    assert prompt == ('You can call weather.\nUser: Weather in Paris?\n'
+                      'Assistant: {"name": "weather", "arguments": {"city":"Paris"}}\n'
+                      'Tool result: 18 C, sunny\nAssistant:')
 
 
 def test_missing_role_is_rejected():

@@ -61,10 +61,23 @@ class TextPart(OpenAIBaseModel):
     text: str | None = None
 
 
+class FunctionCall(OpenAIBaseModel):
+    name: str
+    arguments: str = ""
+
+
+class ToolCall(OpenAIBaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(OpenAIBaseModel):
     role: str
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls, in the history
+    tool_call_id: str | None = None  # a tool message answers this call
 
 
 class StreamOptions(OpenAIBaseModel):
@@ -111,6 +124,42 @@ class SamplingFields(OpenAIBaseModel):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
 
+class JsonSchemaFormat(OpenAIBaseModel):
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: SBool | None = None
+
+
+class ResponseFormat(OpenAIBaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and (self.json_schema is None or self.json_schema.schema_ is None):
+            raise ValueError("type json_schema needs json_schema.schema")
+        return self
+
+
+class StructuredOutputs(OpenAIBaseModel):
+    """vLLM's extra field: exactly one of these constrains the reply."""
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = Field(None, min_length=1)
+    grammar: str | None = None  # Lark
+    json_object: SBool | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> StructuredOutputs:
+        given = [k for k in ("json_", "regex", "choice", "grammar") if getattr(self, k) is not None]
+        given += ["json_object"] if self.json_object else []
+        if len(given) != 1:
+            raise ValueError("give exactly one of json, regex, choice, grammar, json_object")
+        return self
+
+
 class OpenAIRequest(SamplingFields):
     """What OpenAI's chat and completions requests add to the sampling fields."""
 
@@ -119,6 +168,11 @@ class OpenAIRequest(SamplingFields):
     stream_options: StreamOptions | None = None
     n: SInt | None = Field(1, ge=1, le=MAX_N)
     user: str | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None  # vLLM's, extra
+    guided_json: dict[str, Any] | str | None = None  # vLLM's older names, extra
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = Field(None, min_length=1)
 
     @property
     def include_usage(self) -> bool:
@@ -127,21 +181,16 @@ class OpenAIRequest(SamplingFields):
 
 # (field, allowed value predicate, message); a request naming one with another value is a 400
 _UNSUPPORTED: list[tuple[str, Any, str]] = [
-    ("tools", lambda v: not v, "tool calling is not supported"),
-    ("tool_choice", lambda v: v in (None, "none"), "tool calling is not supported"),
-    ("functions", lambda v: not v, "function calling is not supported"),
-    ("function_call", lambda v: v in (None, "none"), "function calling is not supported"),
-    ("response_format", lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
-     "only response_format {\"type\": \"text\"} is supported"),
+    ("functions", lambda v: not v, "the legacy `functions` are not supported: send `tools`"),
+    ("function_call", lambda v: v in (None, "none"), "the legacy `function_call` is not supported: send "
+     "`tool_choice`"),
     ("audio", lambda v: v is None, "audio output is not supported"),
     ("modalities", lambda v: v in (None, ["text"]), "only the text modality is supported"),
     ("prediction", lambda v: v is None, "predicted outputs are not supported"),
     ("reasoning_effort", lambda v: v is None, "reasoning_effort is not supported by this model"),
     ("web_search_options", lambda v: v is None, "web search is not supported"),
     ("suffix", lambda v: v in (None, ""), "suffix is not supported"),
-    ("guided_json", lambda v: v is None, "guided decoding is not supported"),
-    ("guided_regex", lambda v: v is None, "guided decoding is not supported"),
-    ("guided_choice", lambda v: v is None, "guided decoding is not supported"),
+    ("guided_grammar", lambda v: v is None, "send a Lark grammar as structured_outputs.grammar"),
     ("use_beam_search", lambda v: not v, "beam search is not supported"),
 ]
 
@@ -155,8 +204,32 @@ def unsupported_field(body: BaseModel) -> tuple[str, str] | None:
     return None
 
 
+class FunctionDefinition(OpenAIBaseModel):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema; none means no arguments
+    strict: SBool | None = None
+
+
+class Tool(OpenAIBaseModel):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedFunction(OpenAIBaseModel):
+    name: str
+
+
+class NamedToolChoice(OpenAIBaseModel):
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
 class ChatCompletionRequest(OpenAIRequest):
     messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: SBool | None = None
     max_completion_tokens: SInt | None = Field(None, ge=1)
     logprobs: SBool | None = False
     top_logprobs: SInt | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
@@ -249,6 +322,7 @@ class ChatLogprobs(BaseModel):
 class ResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] | None = Field(None, exclude_if=lambda calls: calls is None)
 
 
 class ChatChoice(BaseModel):
@@ -275,9 +349,22 @@ class ChatCompletionResponse(Envelope[ChatChoice]):
     usage: Usage
 
 
+class FunctionCallDelta(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(BaseModel):
+    index: int = 0
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta | None = None
+
+
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(BaseModel):

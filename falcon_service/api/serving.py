@@ -18,6 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from .. import chat
 from ..engine.engine import ChoiceEvent, Engine, FinishReason, GenerationRequest, RequestStream
+from ..engine.grammar import Grammar, UnsupportedGrammar
 from ..engine.sampling import SamplingParams, TokenLogprob
 from .errors import APIError, bad_request, load_failed, model_not_found, not_ready, to_api_error
 from .protocol import (
@@ -35,6 +36,7 @@ from .protocol import (
     CompletionRequest,
     CompletionResponse,
     DeltaMessage,
+    FunctionCallDelta,
     GenerateRequest,
     ModelCard,
     ModelList,
@@ -42,12 +44,14 @@ from .protocol import (
     PromptTokensDetails,
     ResponseMessage,
     SamplingFields,
+    ToolCallDelta,
     TopLogprob,
     Usage,
     new_id,
     now,
     unsupported_field,
 )
+from .structured import Constraint, ToolMode, constraint, new_call_id, tool_call, tools_prompt
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +97,7 @@ class _Prepared:
 
     requests: list[GenerationRequest]
     prompt_texts: list[str]
+    tool: ToolMode | None = None  # the replies are tool calls
 
 
 class OpenAIServing:
@@ -142,8 +147,19 @@ class OpenAIServing:
             raise bad_request(f"`{field}`: {message}.", param=field, code="unsupported_parameter")
         return self._engine()
 
+    async def _grammar(self, engine: Engine, found: Constraint | None) -> Grammar | None:
+        """The compiled grammar of a request's constraint (compiled off the event loop and the engine's
+        thread, cached); a 400 naming what the grammar engine cannot do."""
+        if found is None:
+            return None
+        try:
+            return await asyncio.to_thread(engine.grammars.compile, found.spec)
+        except UnsupportedGrammar as exc:
+            raise bad_request(f"`{found.param}` cannot be used: {exc}", param=found.param,
+                              code="unsupported_grammar") from None
+
     def _params(self, body: SamplingFields, prompt_len: int, max_new: int | None, stop: list[str],
-                logprobs: int | None, max_param: str) -> SamplingParams:
+                logprobs: int | None, max_param: str, grammar: Grammar | None = None) -> SamplingParams:
         engine = self._engine()
         room = engine.max_model_len - prompt_len
         if room <= 0 or (max_new is not None and max_new > room):
@@ -172,6 +188,7 @@ class OpenAIServing:
             logit_bias=bias,
             logprobs=logprobs,
             ignore_eos=bool(body.ignore_eos),
+            grammar=grammar,
         )
 
     def _refuse_if_surely_too_long(self, engine: Engine, chars: int, param: str) -> None:
@@ -191,24 +208,30 @@ class OpenAIServing:
 
     async def _prepare_chat(self, body: ChatCompletionRequest) -> _Prepared:
         engine = self._check_common(body)
+        found = constraint(body)
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
         self._refuse_if_surely_too_long(engine, sum(len(str(m.get("content") or "")) for m in messages), "messages")
+        system = tools_prompt(body.tools) if found is not None and found.tool is not None and body.tools else None
 
         def tokenize() -> tuple[str, list[int]]:
-            prompt = chat.render(messages, engine.tokenizer)
+            prompt = chat.render(messages, engine.tokenizer, system)
             return prompt, engine.tokenizer.encode(prompt, add_special_tokens=False)
 
         prompt, ids = await asyncio.to_thread(tokenize)  # off the event loop: the server answers meanwhile
+        grammar = await self._grammar(engine, found)
         stop = body.stop_list()
-        if self.default_chat_stop and body.default_stop:
+        # the default stop is for free text (the model writing the user's turn); a grammar ends the reply itself
+        if self.default_chat_stop and body.default_stop and grammar is None:
             stop += [s for s in chat.DEFAULT_CHAT_STOP if s not in stop]
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         params = self._params(body, len(ids), body.max_new_tokens, stop, logprobs,
-                              "max_completion_tokens" if body.max_completion_tokens else "max_tokens")
-        return _Prepared([GenerationRequest(tuple(ids), params, body.n or 1, new_id("req"))], [prompt])
+                              "max_completion_tokens" if body.max_completion_tokens else "max_tokens", grammar)
+        return _Prepared([GenerationRequest(tuple(ids), params, body.n or 1, new_id("req"))], [prompt],
+                         found.tool if found is not None else None)
 
     async def _prepare_completion(self, body: CompletionRequest) -> _Prepared:
         engine = self._check_common(body)
+        grammar = await self._grammar(engine, constraint(body))
         if body.echo and body.logprobs is not None:
             raise bad_request("echo together with logprobs is not supported", param="echo")
         raw = body.prompt
@@ -232,7 +255,8 @@ class OpenAIServing:
                 ids, text = list(p), engine.tokenizer.decode(p)
             if not ids:
                 raise bad_request("prompt must not be empty", param="prompt")
-            params = self._params(body, len(ids), body.max_new_tokens, body.stop_list(), body.logprobs, "max_tokens")
+            params = self._params(body, len(ids), body.max_new_tokens, body.stop_list(), body.logprobs, "max_tokens",
+                                  grammar)
             requests.append(GenerationRequest(tuple(ids), params, body.n or 1, new_id("req")))
             texts.append(text)
         return _Prepared(requests, texts)
@@ -366,11 +390,14 @@ class OpenAIServing:
         streams = self._submit(prepared)
         n = body.n or 1
         texts, logprobs, finish = await self._collect(streams, [""] * n)
-        choices = [
-            ChatChoice(index=i, message=ResponseMessage(content=texts[i]), finish_reason=finish[i],
-                       logprobs=self.chat_logprobs(logprobs[i]) if body.logprobs else None)
-            for i in range(n)
-        ]
+        choices = []
+        for i in range(n):
+            message, reason = ResponseMessage(content=texts[i]), finish[i]
+            if prepared.tool is not None and reason == FinishReason.STOP:  # a complete call
+                message = ResponseMessage(content=None, tool_calls=[tool_call(prepared.tool, texts[i])])
+                reason = FinishReason.TOOL_CALLS
+            choices.append(ChatChoice(index=i, message=message, finish_reason=reason,
+                                      logprobs=self.chat_logprobs(logprobs[i]) if body.logprobs else None))
         return ChatCompletionResponse(id=new_id("chatcmpl"), created=now(), model=self.model_name,
                                       choices=choices, usage=self._usage(streams))
 
@@ -378,7 +405,8 @@ class OpenAIServing:
         """Validate and submit now (errors raise before any byte is sent); return the SSE lines."""
         prepared = await self._prepare_chat(body)
         streams = self._submit(prepared)
-        return self._sse(streams, ChatChunks(self, body))
+        chunks = ChatChunks(self, body) if prepared.tool is None else ToolCallChunks(self, body, prepared.tool)
+        return self._sse(streams, chunks)
 
     # ---------- completions ----------
 
@@ -476,6 +504,44 @@ class ChatChunks(ChunkFormat):
 
     def usage(self, usage: Usage) -> str:
         return self._chunk([], usage=usage)
+
+
+class ToolCallChunks(ChatChunks):
+    """Chat chunks of a reply that is a tool call: `tool_calls` deltas instead of content. A call of a named
+    function streams its arguments as they come; a call of one of several tools comes whole once complete
+    (its name is part of what is generated)."""
+
+    def __init__(self, serving: OpenAIServing, body: ChatCompletionRequest, mode: ToolMode) -> None:
+        super().__init__(serving, body)
+        self.mode = mode
+        self.texts: dict[int, str] = {}
+
+    def opening(self) -> list[str]:
+        lines = super().opening()
+        if self.mode.named is not None:
+            for i in range(self.body.n or 1):
+                call = ToolCallDelta(index=0, id=new_call_id(), type="function",
+                                     function=FunctionCallDelta(name=self.mode.named, arguments=""))
+                lines.append(self._chunk([ChatChunkChoice(index=i, delta=DeltaMessage(tool_calls=[call]))]))
+        return lines
+
+    def delta(self, index: int, event: ChoiceEvent) -> str | None:
+        self.texts[index] = self.texts.get(index, "") + event.text
+        if self.mode.named is None or not event.text:
+            return None
+        call = ToolCallDelta(index=0, function=FunctionCallDelta(arguments=event.text))
+        return self._chunk([ChatChunkChoice(index=index, delta=DeltaMessage(tool_calls=[call]))])
+
+    def finish(self, index: int, reason: FinishReason) -> str:
+        if reason != FinishReason.STOP:
+            return super().finish(index, reason)
+        lines = ""
+        if self.mode.named is None:  # the whole call, now that it is complete
+            call = tool_call(self.mode, self.texts.get(index, "")).function
+            delta = ToolCallDelta(index=0, id=new_call_id(), type="function",
+                                  function=FunctionCallDelta(name=call.name, arguments=call.arguments))
+            lines = self._chunk([ChatChunkChoice(index=index, delta=DeltaMessage(tool_calls=[delta]))])
+        return lines + super().finish(index, FinishReason.TOOL_CALLS)
 
 
 class CompletionChunks(ChunkFormat):

@@ -27,6 +27,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from .batch import RunningBatch
 from .cuda_graphs import Capture, DecodeGraphs
 from .falcon import FalconRunner, context_length
+from .grammar import GrammarCompiler
 from .prefix_cache import PrefixMatch
 from .request import ChoiceEvent, EngineError, EngineObserver, FinishReason, GenerationRequest, RequestRecord
 from .sampling import SampledOnHost, SamplingParams, TokenLogprob, sample
@@ -73,6 +74,7 @@ class Engine:
         self.threads = threads
         self.observer = observer
         self.tokenizer = tokenizer
+        self.grammars = GrammarCompiler(tokenizer)  # callers compile off this engine's thread
         self.max_model_len = context_length(model.config)
         self.eos_token_id = tokenizer.eos_token_id
         self.vocab_size = model.config.vocab_size
@@ -269,6 +271,11 @@ class Engine:
 
     def _sample(self, sequences: list[SequenceState], logits: torch.Tensor, first_row: int) -> _Launched:
         """Sample for rows first_row.. (these sequences); the tokens feed their next decode step."""
+        if self._pending and any(s.sampling.matcher is not None for s in sequences):
+            # a grammar's mask depends on the previous token: read it back first (the forward pass is
+            # already on its way, so only the sampling waits)
+            pending, self._pending = self._pending, []
+            self._finish(pending)
         sampled = sample(logits, [s.sampling for s in sequences], self.io)
         self._batch.set_tokens(first_row, sampled.tokens)
         for seq in sequences:

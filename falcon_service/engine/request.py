@@ -16,6 +16,7 @@ class FinishReason(StrEnum):
     LENGTH = "length"  # max_tokens or the context length
     ABORT = "abort"  # the client went away
     ERROR = "error"  # generation failed inside the engine
+    TOOL_CALLS = "tool_calls"  # the reply is a tool call (set by the API layer, never by the engine)
 
 
 class EngineError(RuntimeError):

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .device import DeviceIO, Download
+from .grammar import Grammar, GrammarMatcher, allowed_tokens
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)
     logprobs: int | None = None
     ignore_eos: bool = False
+    grammar: Grammar | None = field(default=None, compare=False, hash=False)  # constrained decoding
 
     @property
     def greedy(self) -> bool:
@@ -72,6 +74,7 @@ class SamplingState:
             self.output_counts = torch.zeros(vocab_size, dtype=torch.float32, device=io.device)
             self.prompt_mask = torch.zeros(vocab_size, dtype=torch.bool, device=io.device)
             self.prompt_mask.index_fill_(0, io.upload(list(prompt_ids), torch.long), True)
+        self.matcher: GrammarMatcher | None = params.grammar.matcher() if params.grammar is not None else None
         self.bias: tuple[torch.Tensor, torch.Tensor] | None = None
         if params.logit_bias:
             self.bias = (io.upload(list(params.logit_bias), torch.long),
@@ -168,13 +171,24 @@ def sample(logits: torch.Tensor, states: Seq[SamplingState], io: DeviceIO | None
     io = io or DeviceIO(logits.device)
     logits = logits.float()
     raw = logits
-    if any(s.output_counts is not None or s.bias is not None for s in states):
+    constrained = [row for row, s in enumerate(states) if s.matcher is not None]
+    if constrained or any(s.output_counts is not None or s.bias is not None for s in states):
         logits = logits.clone()
         for row, s in enumerate(states):
             if s.output_counts is not None:
                 logits[row] = apply_penalties(logits[row], s)
             if s.bias is not None:
                 logits[row].index_add_(0, s.bias[0], s.bias[1])
+    if constrained:  # only the rows with a grammar: their masks are filled on the host, sent in one upload
+        vocab = logits.shape[-1]
+        bitmask = torch.zeros(len(constrained), (vocab + 31) // 32, dtype=torch.int32)
+        for i, row in enumerate(constrained):
+            matcher = states[row].matcher
+            assert matcher is not None
+            matcher.fill(bitmask, i)
+        allowed = allowed_tokens(io.upload(bitmask, torch.int32), vocab)
+        index = io.upload(constrained, torch.long)
+        logits.index_copy_(0, index, logits.index_select(0, index).masked_fill(~allowed, float("-inf")))
     params = [s.params for s in states]
     chosen = logits.argmax(-1)
     if not all(p.greedy for p in params):

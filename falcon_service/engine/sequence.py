@@ -46,11 +46,15 @@ class SequenceState:
         """Take the sampled token; return what the client sees, with the finish reason if it ends here."""
         self.output_ids.append(token)
         is_eos = token == eos and not self.params.ignore_eos
+        matcher = self.sampling.matcher
+        complete = False  # a grammar that is satisfied: the reply ends here, it needs no end token
+        if matcher is not None and not is_eos:
+            complete = not matcher.accept(token) or matcher.done
         text, hit = self.stops.feed("" if is_eos else self.detokenizer.add(token))
         if hit:
             self.finish_reason = FinishReason.STOP
-        elif is_eos or len(self.output_ids) >= self.budget:
+        elif is_eos or complete or len(self.output_ids) >= self.budget:
             tail, hit = self.stops.feed(self.detokenizer.flush())
             text += tail if hit else tail + self.stops.flush()
-            self.finish_reason = FinishReason.STOP if is_eos or hit else FinishReason.LENGTH
+            self.finish_reason = FinishReason.STOP if is_eos or complete or hit else FinishReason.LENGTH
         return ChoiceEvent(self.index, text, [token], [logprob] if logprob else [], self.finish_reason)

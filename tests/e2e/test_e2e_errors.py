@@ -95,9 +95,12 @@ CHAT_400 = [
         {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}]},
         "messages", None, "image_url", id="image-part"),
     pytest.param({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]},
-                 "tools", "unsupported_parameter", "tool", id="tools"),
-    pytest.param({"response_format": {"type": "json_object"}}, "response_format", "unsupported_parameter",
-                 "response_format", id="json-mode"),
+                 "tool_choice", "unsupported_parameter", "auto", id="tools-auto"),
+    pytest.param({"functions": [{"name": "f", "parameters": {"type": "object"}}]}, "functions",
+                 "unsupported_parameter", "functions", id="legacy-functions"),
+    pytest.param({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "object", "if": {}, "then": {}}}}}, "response_format", "unsupported_grammar", "if",
+                 id="unsupported-schema"),
     pytest.param({"max_tokens": 5000}, "max_tokens", "context_length_exceeded", "context length",
                  id="beyond-context"),
 ]

@@ -154,8 +154,10 @@ def test_the_bentoml_client_sees_the_message(bento):
 
 
 def test_a_lone_surrogate_is_a_400_and_the_connection_serves_the_next_request(server):
-    raw = ('{"model": "%s", "messages": [{"role": "user", "content": "hi \\ud800"}], "max_tokens": 2}'
-           % server.model).encode()
+    # json.dumps writes the lone surrogate as the escape \\ud800, as a client's JSON would carry it
+    raw = json.dumps({"model": server.model, "messages": [{"role": "user", "content": "hi \ud800"}],
+                      "max_tokens": 2}).encode()
+    assert b"\\ud800" in raw
     with httpx.Client(base_url=server.url, timeout=30) as c:
         error = assert_openai_error(c.post("/v1/chat/completions", content=raw,
                                            headers={"content-type": "application/json"}), 400)

@@ -1,0 +1,170 @@
+"""Structured outputs through the API, in process, with the official `openai` client: JSON mode, JSON
+schemas, vLLM's structured_outputs, and tool calls (streamed and not). The model has random weights: a
+reply that parses is the grammar's doing alone."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import httpx
+import jsonschema
+import openai
+import pytest
+
+MODEL_NAME = "falcon-7b-instruct"
+HELLO = [{"role": "user", "content": "Tell me about a falcon."}]
+BIRD = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 10}, "wingspan_cm": {"type": "integer", "minimum": 50,
+                                                                                  "maximum": 130},
+                   "diet": {"type": "array", "items": {"enum": ["birds", "bats", "insects"]}, "maxItems": 2},
+                   "endangered": {"type": "boolean"}},
+    "required": ["name", "wingspan_cm", "diet", "endangered"], "additionalProperties": False,
+}
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather now in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                                                    "unit": {"enum": ["C", "F"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {
+    "name": "get_time", "parameters": {"type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}},
+                                       "required": ["zone"], "additionalProperties": False}}}
+SCHEMAS = {"get_weather": WEATHER["function"]["parameters"], "get_time": TIME["function"]["parameters"]}
+
+
+@pytest.fixture
+async def client(api):
+    transport = httpx.ASGITransport(app=api.app)
+    async with openai.AsyncOpenAI(base_url="http://test/v1", api_key="x", max_retries=0,
+                                  http_client=httpx.AsyncClient(transport=transport, base_url="http://test")) as c:
+        yield c
+
+
+def json_schema_format(schema: dict) -> dict:
+    return {"type": "json_schema", "json_schema": {"name": "bird", "schema": schema, "strict": True}}
+
+
+async def test_json_schema_replies_validate_streamed_and_not(client):
+    for seed in range(3):
+        reply = await client.chat.completions.create(
+            model=MODEL_NAME, messages=HELLO, max_tokens=200, seed=seed, n=2,
+            response_format=json_schema_format(BIRD))
+        for choice in reply.choices:
+            assert choice.finish_reason == "stop"
+            jsonschema.validate(json.loads(choice.message.content), BIRD)
+        stream = await client.chat.completions.create(
+            model=MODEL_NAME, messages=HELLO, max_tokens=200, seed=seed, stream=True,
+            response_format=json_schema_format(BIRD))
+        text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+        assert text == reply.choices[0].message.content  # the same seed: the same reply, streamed
+
+
+async def test_json_object_mode_gives_an_object(client):
+    reply = await client.chat.completions.create(model=MODEL_NAME, messages=HELLO, max_tokens=400, seed=3,
+                                                 response_format={"type": "json_object"})
+    if reply.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(reply.choices[0].message.content), dict)
+    else:  # any object: it may run to max_tokens, and then says so
+        assert reply.choices[0].finish_reason == "length" and reply.choices[0].message.content.startswith("{")
+
+
+@pytest.mark.parametrize("extra,check", [
+    ({"structured_outputs": {"regex": "[a-z]{3}-[0-9]{2}"}}, lambda t: re.fullmatch("[a-z]{3}-[0-9]{2}", t)),
+    ({"structured_outputs": {"choice": ["peregrine", "merlin", "kestrel"]}},
+     lambda t: t in ("peregrine", "merlin", "kestrel")),
+    ({"structured_outputs": {"json": BIRD}}, lambda t: jsonschema.validate(json.loads(t), BIRD) is None),
+    ({"guided_choice": ["up", "down"]}, lambda t: t in ("up", "down")),
+    ({"structured_outputs": {"grammar": 'start: "a" "b"+'}}, lambda t: re.fullmatch("ab+", t)),
+])
+async def test_vllm_structured_outputs(client, extra, check):
+    for seed in range(3):
+        reply = await client.chat.completions.create(model=MODEL_NAME, messages=HELLO, max_tokens=120, seed=seed,
+                                                     extra_body=extra)
+        assert check(reply.choices[0].message.content), reply.choices[0].message.content
+
+
+async def test_completions_take_a_response_format_too(client):
+    for stream in (False, True):
+        kwargs = {"model": MODEL_NAME, "prompt": "A bird:", "max_tokens": 200, "seed": 4,
+                  "extra_body": {"response_format": json_schema_format(BIRD)}}
+        if stream:
+            text = "".join([c.choices[0].text async for c in await client.completions.create(stream=True, **kwargs)
+                            if c.choices])
+        else:
+            text = (await client.completions.create(**kwargs)).choices[0].text
+        jsonschema.validate(json.loads(text), BIRD)
+
+
+async def test_a_required_tool_call_among_several(client):
+    for seed in range(4):
+        reply = await client.chat.completions.create(model=MODEL_NAME, messages=HELLO, max_tokens=150, seed=seed,
+                                                     tools=[WEATHER, TIME], tool_choice="required")
+        choice = reply.choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        (call,) = choice.message.tool_calls
+        assert call.type == "function" and call.id.startswith("call_")
+        jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
+
+
+async def test_a_named_tool_call_streams_its_arguments(client):
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    stream = await client.chat.completions.create(model=MODEL_NAME, messages=HELLO, max_tokens=150, seed=2,
+                                                  tools=[WEATHER, TIME], tool_choice=named, stream=True)
+    deltas, finish = [], None
+    async for chunk in stream:
+        for choice in chunk.choices:
+            deltas += choice.delta.tool_calls or []
+            finish = choice.finish_reason or finish
+    assert finish == "tool_calls"
+    assert deltas[0].function.name == "get_weather" and deltas[0].id.startswith("call_")
+    assert len(deltas) > 2, "the arguments come in pieces, as they are generated"
+    arguments = "".join(d.function.arguments or "" for d in deltas)
+    jsonschema.validate(json.loads(arguments), SCHEMAS["get_weather"])
+
+
+async def test_a_required_call_streamed_comes_whole(client):
+    stream = await client.chat.completions.create(model=MODEL_NAME, messages=HELLO, max_tokens=150, seed=5,
+                                                  tools=[WEATHER, TIME], tool_choice="required", stream=True)
+    calls = [c for chunk in [x async for x in stream] for ch in chunk.choices for c in (ch.delta.tool_calls or [])]
+    (call,) = calls
+    jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
+
+
+async def test_tool_choice_none_is_plain_text(client):
+    reply = await client.chat.completions.create(model=MODEL_NAME, messages=HELLO, max_tokens=5, seed=1,
+                                                 tools=[WEATHER], tool_choice="none")
+    assert reply.choices[0].message.tool_calls is None and reply.choices[0].finish_reason in ("length", "stop")
+
+
+async def test_a_tool_result_continues_the_conversation(client):
+    history = [*HELLO, {"role": "assistant", "content": None, "tool_calls": [{
+        "id": "call_1", "type": "function", "function": {"name": "get_weather",
+                                                         "arguments": '{"city":"Paris","unit":"C"}'}}]},
+               {"role": "tool", "tool_call_id": "call_1", "content": "18 C"}]
+    reply = await client.chat.completions.create(model=MODEL_NAME, messages=history, max_tokens=5, seed=1)
+    assert reply.choices[0].finish_reason in ("length", "stop")
+
+
+@pytest.mark.parametrize("extra,param,mentions", [
+    ({"tools": [WEATHER], "tool_choice": "auto"}, "tool_choice", "not trained"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice", "nope"),
+    ({"tool_choice": "required"}, "tool_choice", "needs `tools`"),
+    ({"response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a"}}, "structured_outputs",
+     "Only one"),
+    ({"response_format": json_schema_format({"type": "object", "if": {}, "then": {}})}, "response_format", "if"),
+    ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs", "exactly one"),
+    ({"response_format": {"type": "json_schema"}}, "response_format", "schema"),
+])
+async def test_what_cannot_be_done_is_a_400_that_says_why(api, extra, param, mentions):
+    response = await api.client.post("/v1/chat/completions",
+                                     json={"model": MODEL_NAME, "messages": HELLO, "max_tokens": 4, **extra})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and mentions in error["message"], error
+
+
+async def test_a_call_cut_by_max_tokens_says_length(client):
+    reply = await client.chat.completions.create(model=MODEL_NAME, messages=HELLO, max_tokens=3, seed=1,
+                                                 tools=[WEATHER], tool_choice="required")
+    assert reply.choices[0].finish_reason == "length" and reply.choices[0].message.tool_calls is None

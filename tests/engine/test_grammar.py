@@ -1,0 +1,150 @@
+"""Constrained decoding in the engine: the random-weight model, sampling freely, can only produce what the
+grammar allows; unconstrained rows beside it are untouched; bad grammars are refused saying why."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import threading
+
+import jsonschema
+import pytest
+import torch
+
+from falcon_service.engine.engine import Engine, FinishReason, GenerationRequest, SamplingParams
+from falcon_service.engine.grammar import GrammarCompiler, GrammarSpec, UnsupportedGrammar, allowed_tokens
+from falcon_service.engine.scheduler import BatchLimits
+
+LIMITS = BatchLimits(max_batch_size=16, max_batch_tokens=16 * 2048, max_prefill_tokens=4096, max_queue_size=64)
+TIMEOUT = 60.0
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 12}, "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "role": {"enum": ["admin", "user", "guest"]}, "active": {"type": "boolean"},
+        "score": {"type": "number", "minimum": 0, "maximum": 10},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 6}, "maxItems": 3},
+        "zip": {"type": "string", "pattern": "^[0-9]{5}$"},
+        "note": {"anyOf": [{"type": "string", "maxLength": 8}, {"type": "null"}]},
+        "address": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 10}},
+                    "required": ["city"], "additionalProperties": False},
+        "level": {"type": "integer", "minimum": 1, "maximum": 5},
+    },
+    "required": ["name", "age", "role", "active", "score", "tags", "zip", "note", "address", "level"],
+    "additionalProperties": False,
+}
+
+
+@pytest.fixture(scope="module")
+def compiler(tiny_tokenizer) -> GrammarCompiler:
+    return GrammarCompiler(tiny_tokenizer)
+
+
+async def generate(engine: Engine, prompt: list[int], params: SamplingParams, n: int = 1) -> dict[int, tuple[str, str]]:
+    out: dict[int, list[str]] = {}
+    stream = engine.submit(GenerationRequest(tuple(prompt), params, n))
+    async with asyncio.timeout(TIMEOUT):
+        async for event in stream:
+            out.setdefault(event.index, []).append(event.text)
+    return {i: ("".join(texts), stream.finish_reasons[i]) for i, texts in out.items()}
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
+async def test_every_sampled_reply_validates_against_its_schema(tiny_model, tiny_tokenizer, compiler, overlap):
+    grammar = compiler.compile(GrammarSpec("json_schema", json.dumps(PERSON)))
+    engine = Engine(tiny_model, tiny_tokenizer, LIMITS, overlap=overlap)
+    try:
+        prompt = tiny_tokenizer.encode("Describe a falcon as JSON:")
+        runs = [generate(engine, prompt, SamplingParams(max_tokens=300, temperature=1.0, seed=s, grammar=grammar),
+                         n=2) for s in range(6)]
+        results = await asyncio.gather(*runs)
+    finally:
+        engine.shutdown()
+    replies = [reply for result in results for reply in result.values()]
+    assert len(replies) == 12
+    assert len({text for text, _ in replies}) > 6, "seeded replies should differ"
+    for text, reason in replies:
+        assert reason == FinishReason.STOP, (reason, text)
+        jsonschema.validate(json.loads(text), PERSON)
+
+
+async def test_regex_choice_and_lark(tiny_model, tiny_tokenizer, compiler):
+    engine = Engine(tiny_model, tiny_tokenizer, LIMITS)
+    prompt = tiny_tokenizer.encode("Answer:")
+    specs = {
+        "regex": (GrammarSpec("regex", r"[A-Z]{2}-[0-9]{3}( ok)?"),
+                  lambda t: re.fullmatch(r"[A-Z]{2}-[0-9]{3}( ok)?", t)),
+        "choice": (GrammarSpec("choice", json.dumps(["yes", "no", "mai\"be"])), lambda t: t in ("yes", "no", 'mai"be')),
+        "lark": (GrammarSpec("lark", 'start: "(" NUM ("," NUM)* ")"\nNUM: /[0-9]{1,2}/'),
+                 lambda t: re.fullmatch(r"\([0-9]{1,2}(,[0-9]{1,2})*\)", t)),
+    }
+    try:
+        for spec, valid in specs.values():
+            grammar = compiler.compile(spec)
+            for seed in range(5):
+                text, reason = (await generate(engine, prompt, SamplingParams(
+                    max_tokens=40, temperature=1.0, seed=seed, grammar=grammar)))[0]
+                assert valid(text) and reason == FinishReason.STOP, (spec, text, reason)
+    finally:
+        engine.shutdown()
+
+
+async def test_unconstrained_rows_beside_constrained_ones_are_untouched(tiny_model, tiny_tokenizer, compiler):
+    grammar = compiler.compile(GrammarSpec("json_schema", json.dumps(PERSON)))
+    engine = Engine(tiny_model, tiny_tokenizer, LIMITS)
+    try:
+        prompt = tiny_tokenizer.encode("The falcon is a bird of prey.")
+        free = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+        alone = await generate(engine, prompt, free)
+        together = await asyncio.gather(generate(engine, prompt, free), *(generate(
+            engine, prompt, SamplingParams(max_tokens=200, temperature=1.0, seed=s, grammar=grammar))
+            for s in range(4)))
+    finally:
+        engine.shutdown()
+    assert together[0] == alone
+    assert all(json.loads(r[0][0]) for r in together[1:])
+
+
+async def test_a_reply_cut_by_max_tokens_says_length(tiny_model, tiny_tokenizer, compiler):
+    grammar = compiler.compile(GrammarSpec("json_schema", json.dumps(PERSON)))
+    engine = Engine(tiny_model, tiny_tokenizer, LIMITS)
+    try:
+        text, reason = (await generate(engine, [5, 6, 7], SamplingParams(max_tokens=5, temperature=1.0, seed=1,
+                                                                           grammar=grammar)))[0]
+    finally:
+        engine.shutdown()
+    assert reason == FinishReason.LENGTH and text.startswith("{")
+
+
+@pytest.mark.parametrize("spec,mentions", [
+    (GrammarSpec("json_schema", json.dumps({"type": "object", "if": {"required": ["a"]}, "then": {}})), "if"),
+    (GrammarSpec("regex", "a(?=b)"), "look"),
+    (GrammarSpec("json_schema", "{not json"), ""),
+    (GrammarSpec("lark", "start: missing_rule"), "missing_rule"),
+])
+def test_an_unsupported_grammar_is_refused_saying_what(compiler, spec, mentions):
+    with pytest.raises(UnsupportedGrammar) as err:
+        compiler.compile(spec)
+    assert mentions.lower() in str(err.value).lower() and str(err.value)
+
+
+def test_compiled_grammars_are_cached_and_compiled_by_the_caller(compiler):
+    spec = GrammarSpec("json_schema", json.dumps({"type": "object", "properties": {"a": {"type": "integer"}}}))
+    threads = []
+    first = compiler.compile(spec)
+    worker = threading.Thread(target=lambda: threads.append(compiler.compile(spec) is first))
+    worker.start()
+    worker.join()
+    assert threads == [True]
+
+
+def test_the_bitmask_unpacks_to_the_allowed_tokens():
+    bits = torch.zeros(2, 2, dtype=torch.int32)
+    bits[0, 0] = (1 << 3) | 1  # tokens 0 and 3
+    bits[1, 1] = -(2**31)  # bit 31 of the second word: token 63
+    allowed = allowed_tokens(bits, 50)
+    assert allowed.shape == (2, 50)
+    assert allowed[0].nonzero().flatten().tolist() == [0, 3]
+    assert allowed[1].nonzero().flatten().tolist() == []  # token 63 is past the vocabulary
+    assert allowed_tokens(bits, 64)[1].nonzero().flatten().tolist() == [63]
