@@ -8,48 +8,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
-
-from import_model import import_random  # noqa: E402
+# The Bentos are built once per session by conftest.py's `bento` and `baked_bento` fixtures.
 
 
-def build(home: Path, tag: str, bake: bool) -> Path:
-    env = {**os.environ, "BENTOML_HOME": str(home), "FALCON_MODEL": tag.split(":")[0], "BENTOML_DO_NOT_TRACK": "True",
-           "FALCON_BAKE_MODEL": str(bake).lower()}
-    out = subprocess.run(
-        [str(Path(sys.executable).with_name("bentoml")), "build", "--output", "tag"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert out.returncode == 0, out.stdout + out.stderr
-    bento_tag = out.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
-    name, version = bento_tag.split(":")
-    path = home / "bentos" / name / version
-    assert path.is_dir(), bento_tag
-    return path
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    home = tmp_path_factory.mktemp("bentoml_home")
-    return home, str(import_random("tiny", bentoml_home=home))
-
-
-@pytest.fixture(scope="module")
-def bento(store: tuple[Path, str]) -> tuple[Path, str]:
-    """The default Bento: the model stays out (loaded from a volume's store at run time)."""
-    home, tag = store
-    return build(home, tag, bake=False), tag
-
-
-@pytest.fixture(scope="module")
-def baked_bento(store: tuple[Path, str]) -> tuple[Path, str]:
-    """A Bento that carries its model (for clusters without access to a model source)."""
-    home, tag = store
-    return build(home, tag, bake=True), tag
+def requirements(path: Path) -> list[str]:
+    """The requirements of a pip requirements file: continuation lines joined, hashes and comments dropped."""
+    text = path.read_text().replace("\\\n", " ")
+    return [line.split(" --hash")[0].split("#")[0].strip() for line in text.splitlines()
+            if line.strip() and not line.lstrip().startswith("#")]
 
 
 def test_bento_holds_service_source_and_nothing_else(bento: tuple[Path, str]) -> None:
@@ -87,8 +55,7 @@ def test_bento_asks_for_one_gpu_and_one_worker(bento: tuple[Path, str]) -> None:
 
 def test_bento_pins_requirements_and_dockerfile_installs_them(bento: tuple[Path, str]) -> None:
     path, _ = bento
-    reqs = (path / "env" / "python" / "requirements.txt").read_text().splitlines()
-    pinned = [r for r in reqs if r and not r.startswith("#")]
+    pinned = requirements(path / "env" / "python" / "requirements.txt")
     assert "torch==2.13.0" in pinned
     assert all("==" in r for r in pinned), pinned
     dockerfile = (path / "env" / "docker" / "Dockerfile").read_text()
