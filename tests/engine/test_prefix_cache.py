@@ -216,3 +216,50 @@ async def test_a_burst_of_new_prompts_evicts_idle_prefixes_and_memory_stays_boun
         assert engine.stats()["prefix_tokens"] == batch.idle_tokens > 0
     finally:
         engine.shutdown()
+
+
+# ---------- rows that share a prefix attend to it together ----------
+
+
+def test_cascade_attention_is_the_softmax_over_both_parts():
+    from falcon_service.engine.falcon import cascade_attention
+
+    g = torch.Generator().manual_seed(0)
+    rows, queries, dim, shared, own = 3, 5, 16, 40, 9
+    q = torch.randn(rows, queries, dim, generator=g)
+    shared_k, shared_v = torch.randn(shared, dim, generator=g), torch.randn(shared, dim, generator=g)
+    own_k, own_v = torch.randn(rows, own, dim, generator=g), torch.randn(rows, own, dim, generator=g)
+    bias = torch.zeros(rows, 1, own)
+    bias[0, 0, 6:] = float("-inf")  # row 0 has only 6 tokens of its own
+    got = cascade_attention(q, shared_k, shared_v, own_k, own_v, bias, 0.25)
+    keys = torch.cat([shared_k.expand(rows, -1, -1), own_k], dim=1)
+    values = torch.cat([shared_v.expand(rows, -1, -1), own_v], dim=1)
+    scores = q @ keys.transpose(1, 2) * 0.25 + torch.cat([torch.zeros(rows, 1, shared), bias], dim=-1)
+    torch.testing.assert_close(got, scores.softmax(-1) @ values, atol=1e-5, rtol=1e-5)
+
+
+def test_decode_rows_sharing_a_prefix_give_the_logits_of_each_alone(tiny_model):
+    runner = FalconRunner(tiny_model, batch_rows=6, max_len=256, pool_rows=8)
+    batch = RunningBatch(runner, prefix_caching=True)
+    system = tokens(6 * BLOCK, seed=7)
+    first = [*system, *tokens(5, seed=8)]
+    batch.add([first], [1])
+    others = [[*system, *tokens(3 + i, seed=9 + i)] for i in range(3)]
+    stranger = tokens(30, seed=20)
+    batch.add([*others, stranger], [1, 2, 1, 1], [batch.lookup(p) for p in others] + [None])
+    seqs = [first, others[0], others[1], others[1], others[2], stranger]
+    shared = batch.shared_prefix()
+    assert shared is not None and shared.length == 6 * BLOCK and sorted(shared.rows) == [0, 1, 2, 3, 4]
+    calls = []
+    original = runner.decode
+
+    def recording(count, width, shared=None):
+        calls.append(shared)
+        return original(count, width, shared)
+
+    runner.decode = recording
+    fed = [5, 6, 7, 8, 9, 10]
+    logits = batch.step(fed)
+    assert calls and calls[0] is not None, "the rows did not attend to their prefix together"
+    for row, (prompt, token) in enumerate(zip(seqs, fed, strict=True)):
+        torch.testing.assert_close(logits[row], reference_logits(tiny_model, [*prompt, token]), atol=ATOL, rtol=0)
