@@ -16,6 +16,7 @@ it accepts. The sampler fills the masks of the constrained rows only.
 from __future__ import annotations
 
 import json
+import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -49,9 +50,7 @@ class GrammarMatcher:
 
     def fill(self, bitmask: torch.Tensor, row: int) -> None:
         """Write the allowed next tokens into row `row` of an int32 bitmask (one bit per token)."""
-        from llguidance.torch import fill_next_token_bitmask
-
-        fill_next_token_bitmask(self._matcher, bitmask, row)
+        fill_masks([self], bitmask[row : row + 1])
 
     def accept(self, token: int) -> bool:
         return self._matcher.consume_token(token)
@@ -141,6 +140,33 @@ class GrammarCompiler:
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
         return grammar
+
+
+_executor = None  # llguidance's thread pool for filling several masks at once (native threads, no GIL)
+PARALLEL_MIN_CORES = 8  # below, the pool's threads take cores from the forward pass (measured on 2 cores)
+
+
+def fill_masks(matchers: list[GrammarMatcher], bitmask: torch.Tensor) -> None:
+    """Fill row i of a contiguous int32 host bitmask (len(matchers), ceil(vocab / 32)) with the tokens
+    matcher i allows next; in parallel on a machine with cores to spare.
+
+    (Not through `llguidance.torch`: importing it runs `torch.compile` at import time, which loads
+    inductor, a second and more on the engine thread at the first constrained request.)
+    """
+    global _executor
+    assert bitmask.dtype == torch.int32 and bitmask.device.type == "cpu" and bitmask.is_contiguous()
+    assert bitmask.shape[0] == len(matchers)
+    row_bytes = bitmask.shape[1] * bitmask.element_size()
+    if len(matchers) == 1 or (os.cpu_count() or 1) < PARALLEL_MIN_CORES:
+        for i, m in enumerate(matchers):
+            m._matcher.unsafe_compute_mask_ptr(bitmask.data_ptr() + i * row_bytes, row_bytes)
+        return
+    if _executor is None:
+        from llguidance import LLExecutor
+
+        _executor = LLExecutor()
+    _executor.unsafe_compute_mask_ptr([(m._matcher, i) for i, m in enumerate(matchers)], bitmask.data_ptr(),
+                                      row_bytes, len(matchers))
 
 
 def allowed_tokens(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .device import DeviceIO, Download
-from .grammar import Grammar, GrammarMatcher, allowed_tokens
+from .grammar import Grammar, GrammarMatcher, allowed_tokens, fill_masks
 
 
 @dataclass(frozen=True)
@@ -182,10 +182,7 @@ def sample(logits: torch.Tensor, states: Seq[SamplingState], io: DeviceIO | None
     if constrained:  # only the rows with a grammar: their masks are filled on the host, sent in one upload
         vocab = logits.shape[-1]
         bitmask = torch.zeros(len(constrained), (vocab + 31) // 32, dtype=torch.int32)
-        for i, row in enumerate(constrained):
-            matcher = states[row].matcher
-            assert matcher is not None
-            matcher.fill(bitmask, i)
+        fill_masks([states[row].matcher for row in constrained], bitmask)  # type: ignore[misc]
         allowed = allowed_tokens(io.upload(bitmask, torch.int32), vocab)
         index = io.upload(constrained, torch.long)
         logits.index_copy_(0, index, logits.index_select(0, index).masked_fill(~allowed, float("-inf")))

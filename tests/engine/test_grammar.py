@@ -148,3 +148,37 @@ def test_the_bitmask_unpacks_to_the_allowed_tokens():
     assert allowed[0].nonzero().flatten().tolist() == [0, 3]
     assert allowed[1].nonzero().flatten().tolist() == []  # token 63 is past the vocabulary
     assert allowed_tokens(bits, 64)[1].nonzero().flatten().tolist() == [63]
+
+
+def test_masks_of_several_rows_in_one_call_equal_each_alone_and_load_no_compiler(tiny_checkpoint):
+    """The sampler fills all constrained rows at once; and filling a mask must not import
+    `llguidance.torch`, whose import runs `torch.compile` (inductor: seconds on the engine thread)."""
+    script = f"""
+import sys, torch
+from transformers import AutoTokenizer
+from falcon_service.engine.grammar import GrammarCompiler, GrammarSpec, fill_masks
+compiler = GrammarCompiler(AutoTokenizer.from_pretrained({str(tiny_checkpoint)!r}))
+words = (compiler.vocab_size + 31) // 32
+specs = [GrammarSpec("json_object"), GrammarSpec("regex", "[0-9]{{3}}"), GrammarSpec("choice", '["yes", "no"]')]
+matchers = [compiler.compile(s).matcher() for s in specs]
+matchers[0].accept(compiler.compile(specs[0]).matcher()._matcher.compute_ff_tokens()[0])  # past the "{{"
+import falcon_service.engine.grammar as grammar
+together = torch.zeros(len(matchers), words, dtype=torch.int32)
+fill_masks(matchers, together)  # one at a time on a small machine
+grammar.PARALLEL_MIN_CORES = 1
+in_parallel = torch.zeros(len(matchers), words, dtype=torch.int32)
+fill_masks(matchers, in_parallel)  # in llguidance's thread pool
+assert torch.equal(together, in_parallel)
+for i, m in enumerate(matchers):
+    alone = torch.zeros(3, words, dtype=torch.int32)
+    m.fill(alone, 1)
+    assert torch.equal(alone[1], together[i]) and not alone[0].any() and not alone[2].any(), i
+assert len({{tuple(row.tolist()) for row in together}}) == 3  # three different grammars, three masks
+assert "torch._inductor" not in sys.modules and "llguidance.torch" not in sys.modules
+print("ok")
+"""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
