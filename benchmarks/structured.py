@@ -5,9 +5,15 @@ that alternate:
 
 - mixed: every other request carries `response_format` with a JSON schema of 10 fields (bounded, so
   a reply ends on its own), the others are plain chat requests (`ignore_eos`, a fixed output length);
-- plain: the same requests, all plain: each constrained one replaced by a plain stand-in of the
-  length that the constrained reply had in the mixed run (`usage`), so that both runs have the same
-  shape (when requests end and new ones are prefilled) and differ only by the grammar.
+- plain: requests of the same shape, all plain: each constrained one replaced by a plain stand-in of
+  the length that the constrained reply had in the mixed run (`usage`), so that both runs have the
+  same shape (when requests end and new ones are prefilled) and differ only by the grammar.
+
+Every run draws its own prompts (of the same length): a run on prompts that an earlier run left in the
+prefix cache prefills less and looks faster. A warm-up run of its own prompts comes first. Rounds
+alternate the order of their two runs (mixed first, then plain first), so that a drift in the machine's
+speed favours neither. (A first version reused the mixed run's prompts in the plain run, which always
+ran second: it measured a 10-18% "loss" of the plain half that was the prefix cache and the order.)
 
 Each request's figures come from aiperf's per-request records (`profile_export.jsonl`), grouped by
 prompt (`inputs.json`). Reported per run: each group's ITL (aiperf's per-request (e2e - TTFT) /
@@ -59,10 +65,12 @@ PROMPT = ("describe a user of our service with a name an age an email address a 
           "country a level and whether the account is active and verified answer in json please")
 
 
-def dataset(n: int, plain_tokens: int, seed: int, lengths: dict[str, int] | None = None) -> list[dict[str, Any]]:
-    """aiperf single_turn entries, prompts of about 32 words. Without `lengths` (a mixed run) the odd
-    entries are constrained; with them (a plain run) they are plain requests of the length their
-    constrained run produced, so both runs have the same shape and differ only by the grammar."""
+def dataset(n: int, plain_tokens: int, seed: int, lengths: list[int] | None = None) -> list[dict[str, Any]]:
+    """aiperf single_turn entries, prompts of about 32 words drawn with `seed`. Without `lengths` (a mixed run)
+    the odd entries are constrained; with them (a plain run) the odd entries are plain requests of these
+    lengths (those the constrained replies of the mixed run had, in order), so both runs have the same
+    shape and differ only by the grammar. Every run gets its own seed: a run on prompts that an earlier
+    run left in the prefix cache would prefill less, and look faster for it."""
     rng = random.Random(seed)
     words = PROMPT.split()
     entries = []
@@ -72,7 +80,7 @@ def dataset(n: int, plain_tokens: int, seed: int, lengths: dict[str, int] | None
             entries.append({"text": text, "output_length": MAX_CONSTRAINED,
                             "extra": {"response_format": RESPONSE_FORMAT}})  # fmt: skip
         else:
-            length = plain_tokens if not i % 2 else lengths[text]  # type: ignore[index]
+            length = plain_tokens if not i % 2 else lengths[i // 2]  # type: ignore[index]
             entries.append({"text": text, "output_length": length, "extra": {"ignore_eos": True}})
     return entries
 
@@ -91,8 +99,8 @@ def completion_tokens(out: Path) -> dict[str, int]:
     return lengths
 
 
-def aiperf_argv(aiperf: Path, url: str, tokenizer: Path, data: Path, concurrency: int, count: int, out: Path,
-                warmup: int) -> list[str]:  # fmt: skip
+def aiperf_argv(aiperf: Path, url: str, tokenizer: Path, data: Path, concurrency: int, count: int, out: Path
+                ) -> list[str]:  # fmt: skip
     argv = [
         str(aiperf), "profile", "--model", compare.SERVED_NAME, "--url", url, "--endpoint-type", "chat",
         "--streaming", "--extra-inputs", json.dumps({"temperature": 1.0, "stream_options": {"include_usage": True}}),
@@ -103,8 +111,6 @@ def aiperf_argv(aiperf: Path, url: str, tokenizer: Path, data: Path, concurrency
         "--ui", "none", "--no-server-metrics", "--no-gpu-telemetry",
         "--artifact-dir", str(out), "--export-level", "records",
     ]  # fmt: skip
-    if warmup:
-        argv += ["--warmup-request-count", str(warmup), "--warmup-concurrency", str(min(warmup, concurrency))]
     return argv
 
 
@@ -158,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plain-tokens", type=int, default=128, help="output tokens of a plain request")
     p.add_argument("--rounds", type=int, default=2, help="pairs of runs (mixed, plain)")
     p.add_argument("--preset", default="small")
+    p.add_argument("--ours-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="engine settings for the server (repeatable), e.g. FALCON_PREFIX_CACHING=false")
     a = p.parse_args(argv)
     out = a.out_dir.resolve()
     (out / "logs").mkdir(parents=True, exist_ok=True)
@@ -165,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(f"{time.strftime('%H:%M:%S')} {msg}", flush=True)
 
-    args = compare.parse_args(["--peers", "ours", "--skip-install", "--out-dir", str(out)])
+    args = compare.parse_args(["--peers", "ours", "--skip-install", "--out-dir", str(out),
+                               *(f"--ours-env={kv}" for kv in a.ours_env)])
     checkpoint = compare.ensure_checkpoint(a.preset, log)
     ctx = compare.Context(args, checkpoint, out, log)
     ctx.aiperf = compare.ensure_venv("aiperf", ctx).parent / "aiperf"
@@ -176,22 +185,30 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {"schema": SCHEMA, "args": {k: str(v) for k, v in vars(a).items()}, "runs": []}
     try:
         log(f"ours ready after {compare.wait_ready(proc, url, launch.ready_path, 600, out / 'logs' / 'ours.log'):.0f}s")
+
+        def run(name: str, entries: list[dict[str, Any]]) -> Path:
+            data = out / f"{name}.jsonl"
+            data.write_text("".join(json.dumps(e) + "\n" for e in entries))
+            run_dir = out / name
+            run_dir.mkdir(parents=True, exist_ok=True)
+            argv_ = aiperf_argv(ctx.aiperf, url, checkpoint, data, a.concurrency, len(entries), run_dir)
+            with (run_dir / "aiperf.out").open("w") as f:
+                rc = subprocess.run(argv_, stdout=f, stderr=subprocess.STDOUT, cwd=run_dir).returncode
+            if rc != 0:
+                raise SystemExit(f"aiperf exited {rc}: see {run_dir / 'aiperf.out'}")
+            return run_dir
+
+        run("warmup", dataset(a.concurrency, a.plain_tokens, seed=10_000))  # a mixed run of its own prompts
+        lengths: list[int] | None = None
         for i in range(a.rounds):
-            lengths = None
-            for kind in ("mixed", "plain"):
-                data = out / f"{kind}.jsonl"
-                entries = dataset(a.num_requests, a.plain_tokens, seed=i, lengths=lengths)
-                data.write_text("".join(json.dumps(e) + "\n" for e in entries))
-                run_dir = out / f"{kind}-{i}"
-                warmup = 8 if i == 0 and kind == "mixed" else 0
-                argv_ = aiperf_argv(ctx.aiperf, url, checkpoint, data, a.concurrency, a.num_requests, run_dir, warmup)
-                run_dir.mkdir(parents=True, exist_ok=True)
-                with (run_dir / "aiperf.out").open("w") as f:
-                    rc = subprocess.run(argv_, stdout=f, stderr=subprocess.STDOUT, cwd=run_dir).returncode
-                if rc != 0:
-                    raise SystemExit(f"aiperf exited {rc}: see {run_dir / 'aiperf.out'}")
+            # odd rounds run plain first (with the lengths of the mixed run before): a drift of the machine's
+            # speed during the benchmark then favours neither kind
+            for kind in ("mixed", "plain") if i % 2 == 0 else ("plain", "mixed"):
+                entries = dataset(a.num_requests, a.plain_tokens, seed=2 * i + (kind == "plain"), lengths=lengths)
+                run_dir = run(f"{kind}-{i}", entries)
                 if kind == "mixed":
-                    lengths = completion_tokens(run_dir)
+                    by_text = completion_tokens(run_dir)
+                    lengths = [by_text[e["text"]] for e in entries[1::2]]
                 figures = {"kind": kind, "round": i,
                            **groups(run_dir, {e["text"] for e in entries[1::2]},
                                     "constrained" if kind == "mixed" else "stand-in")}
@@ -223,6 +240,14 @@ def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "plain_half_token_rate_loss (target <= 0.05)": round(1 - p_itl_plain / p_itl_mixed, 3),
         "output_tok_s_mixed": round(statistics.fmean(r["output_tok_s"] for r in mixed), 2),
         "output_tok_s_plain": round(statistics.fmean(r["output_tok_s"] for r in plain), 2),
+        # per round (a mixed run and the plain run right after it): one disturbed run moves the means above,
+        # the median of the rounds much less
+        "per_round_constrained_vs_plain_itl": [round(m["constrained"]["itl_ms_mean"] / m["plain"]["itl_ms_mean"], 3)
+                                               for m in mixed],
+        "per_round_plain_half_loss": [round(1 - p["plain"]["itl_ms_mean"] / m["plain"]["itl_ms_mean"], 3)
+                                      for m, p in zip(mixed, plain, strict=True)],
+        "median_round_plain_half_loss": round(statistics.median(
+            1 - p["plain"]["itl_ms_mean"] / m["plain"]["itl_ms_mean"] for m, p in zip(mixed, plain, strict=True)), 3),
     }
 
 
