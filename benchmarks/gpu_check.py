@@ -325,7 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip", default="", help="comma-separated phases to skip: tests,build,model,serve")
     p.add_argument("--levels", default="1:8,16:64,64:256", help="streams:requests per load level")
     p.add_argument("--no-compile", action="store_true", help="the transformers peer without torch.compile")
-    p.add_argument("--limits", default="tests:150,build:150,model:200,serve:240", help="seconds per phase")
+    p.add_argument("--limits", default="tests:90,build:80,model:200,serve:180",
+                   help="seconds per phase (the default fits one 600-second call of the device tool)")
     a = p.parse_args(argv)
     import torch
 
