@@ -48,10 +48,6 @@ class GrammarMatcher:
     def __init__(self, matcher) -> None:
         self._matcher = matcher
 
-    def fill(self, bitmask: torch.Tensor, row: int) -> None:
-        """Write the allowed next tokens into row `row` of an int32 bitmask (one bit per token)."""
-        fill_masks([self], bitmask[row : row + 1])
-
     def accept(self, token: int) -> bool:
         return self._matcher.consume_token(token)
 
@@ -59,10 +55,6 @@ class GrammarMatcher:
     def done(self) -> bool:
         """The grammar is complete: nothing but the end may follow."""
         return self._matcher.is_stopped()
-
-    @property
-    def error(self) -> str:
-        return self._matcher.get_error() if self._matcher.is_error() else ""
 
 
 class Grammar:
