@@ -141,6 +141,11 @@ class RunningBatch:
     def _new_lineage(self, length: int) -> tuple[int, int]:
         return next(self._lineage_ids), length
 
+    def _inherited_lineage(self, match: PrefixMatch) -> tuple[int, int] | None:
+        """The lineage of a row that copies `match`'s prefix: its source's, over the tokens both hold."""
+        source = self._lineage_of(match.prefix.row)
+        return (source[0], min(match.length, source[1])) if source is not None else None
+
     def shared_prefix(self) -> SharedPrefix | None:
         """The largest group of running rows that hold copies of one prefix of at least MIN_SHARED tokens."""
         if not self._cascade or self.size < 2:
@@ -252,8 +257,7 @@ class RunningBatch:
             lineage = None
             if match is not None:
                 self.runner.cache.copy_row(match.prefix.row, row, start)
-                source = self._lineage_of(match.prefix.row)
-                lineage = (source[0], min(start, source[1])) if source is not None else None
+                lineage = self._inherited_lineage(match)
             firsts.append(row)
             chunks.append(prompt[start:])
             offsets.append(start)
@@ -283,8 +287,7 @@ class RunningBatch:
         match = self._valid(match)
         if match is not None:
             self.runner.cache.copy_row(match.prefix.row, self.staging_row, match.length)
-            source = self._lineage_of(match.prefix.row)
-            self._staged_lineage = (source[0], min(match.length, source[1])) if source is not None else None
+            self._staged_lineage = self._inherited_lineage(match)
         elif offset == 0:
             self._staged_lineage = None
         return self.runner.prefill([self.staging_row], [chunk], [offset])
