@@ -203,7 +203,7 @@ class RunningBatch:
                 return
             self._evict(target)
         self.runner.cache.copy_row(row, target, length)
-        self.prefixes.idle(target, tokens[:length])
+        self.prefixes.put(target, tokens[:length])
         self.idle[target] = length
         self.idle_lineages[target] = self.lineages[row]
 

@@ -302,7 +302,8 @@ class _DecodePlan:
         self.shared = shared
         if shared is not None:
             io = runner.io
-            others = [row for row in range(count) if row not in set(shared.rows)]
+            group = set(shared.rows)
+            others = [row for row in range(count) if row not in group]
             self.group = io.upload(shared.rows, torch.long)
             self.others = io.upload(others, torch.long) if others else None
         self.ids = runner.tokens[:count]

@@ -51,8 +51,6 @@ def default_kv_budget(config, dtype: torch.dtype, device: torch.device, memory_f
     return max(max_len, min(budget, max_rows * max_len))
 
 
-
-
 class KVCache:
     """Keys and values of the row pool, each row up to `max_len` tokens: (layers, rows, max_len, head_dim) each.
 

@@ -24,7 +24,6 @@ class Prefix:
     row: int
     tokens: list[int]
     keys: list[int] = field(default_factory=list)
-    running: bool = True
     last_used: int = 0
 
 
@@ -80,10 +79,11 @@ class PrefixCache:
         found.last_used = next(self._clock)
         return PrefixMatch(found, length)
 
-    def put(self, row: int, tokens: Seq[int], running: bool = True) -> Prefix:
-        """Row `row` now holds `tokens` (whatever it held before is forgotten)."""
+    def put(self, row: int, tokens: Seq[int]) -> Prefix:
+        """Row `row` now holds `tokens` (a running sequence's prompt, or a finished one's prompt and output
+        kept for reuse); whatever it held before is forgotten. It counts as just used."""
         self.drop(row)
-        prefix = Prefix(row, list(tokens), block_keys(tokens), running, next(self._clock))
+        prefix = Prefix(row, list(tokens), block_keys(tokens), next(self._clock))
         self._by_row[row] = prefix
         for key in prefix.keys:
             self._index.setdefault(key, set()).add(row)
@@ -113,11 +113,6 @@ class PrefixCache:
             rows.add(dst)
         prefix.row = dst
         self._by_row[dst] = prefix
-
-    def idle(self, row: int, tokens: Seq[int]) -> None:
-        """Row `row`'s sequence ended: it now holds `tokens` (its prompt and output) for reuse."""
-        prefix = self.put(row, tokens, running=False)
-        prefix.last_used = next(self._clock)
 
     def least_recently_used(self, rows: Seq[int]) -> int:
         """Of these idle rows, the one to evict first."""

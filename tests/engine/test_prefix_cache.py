@@ -79,7 +79,7 @@ def test_moves_and_drops_keep_the_index_exact():
 def test_least_recently_used_is_the_one_looked_up_longest_ago():
     cache = PrefixCache()
     for row in range(3):
-        cache.idle(row, tokens(BLOCK + 1, seed=row))
+        cache.put(row, tokens(BLOCK + 1, seed=row))
     cache.lookup([*tokens(BLOCK + 1, seed=0), 9])  # row 0 used again
     assert cache.least_recently_used([0, 1, 2]) == 1
 
@@ -140,7 +140,7 @@ def test_idle_rows_give_way_least_recently_used_first_and_running_rows_never(tin
     assert batch.lookup([*prompts[0], 1]) is None and batch.lookup([*prompts[1], 1]) is None
     for i in range(3):  # the running rows' own prefixes are all there
         match = batch.lookup([*prompts[3 + i], 1])
-        assert match is not None and match.prefix.running
+        assert match is not None and match.prefix.row < batch.size and match.prefix.row not in batch.idle
     # a fourth running row cannot be had: the batch is full
     with pytest.raises(RuntimeError, match="full"):
         batch.add([prompts[0]], [1])
