@@ -183,17 +183,16 @@ class FalconService:
         return reply.model_dump(mode="json")
 
 
-
 def _gateway_rules() -> GatewayRules:
     """The server's routes (BentoML's own, the native APIs, the OpenAI app's) and the front door's settings."""
-    bentoml_routes = {"/", "/docs.json", "/schema.json", "/metrics"}
+    bentoml_routes = {"/", "/docs.json", "/schema.json", "/metrics"}  # UI, docs, scrape: open unless scope "all"
     native = {api.route for api in FalconService.apis.values()}
     openai = served_paths(openai_app)
     return GatewayRules(
         api_key=SETTINGS.api_key, key_scope=SETTINGS.api_key_scope, max_body_bytes=SETTINGS.max_body_bytes,
         body_timeout=SETTINGS.body_timeout, routes=frozenset(bentoml_routes | native | openai),
         route_prefixes=("/static_content/", "/assets/"),
-        open_paths=frozenset({"/", "/docs.json", "/schema.json", "/metrics", "/v1/openapi.json"}),
+        open_paths=frozenset(bentoml_routes | {"/v1/openapi.json"}),
         native_apis=frozenset(native),
     )
 
