@@ -76,6 +76,11 @@ class StepPlan(Generic[T]):
         return not (self.admitted or self.chunk or self.decode)
 
 
+def _prefill_cost(item: T, demand: Demand, to_prefill: Callable[[T], int] | None) -> int:
+    """Prompt tokens of a waiting request that need computing: `to_prefill`'s answer, by default all."""
+    return to_prefill(item) if to_prefill is not None else demand.prompt_len
+
+
 class Scheduler(Generic[T]):
     """First come, first served admission under `BatchLimits`; thread-safe waiting queue.
 
@@ -132,7 +137,7 @@ class Scheduler(Generic[T]):
         with self._lock:
             while self._waiting:
                 item, demand = self._waiting[0]
-                cost = to_prefill(item) if to_prefill is not None else demand.prompt_len
+                cost = _prefill_cost(item, demand, to_prefill)
                 if chosen and prefill + cost > self.limits.max_prefill_tokens:
                     break
                 if not self.fits(load, [*chosen, demand]):
@@ -150,7 +155,7 @@ class Scheduler(Generic[T]):
         if self._staged is None:
             with self._lock:
                 head = self._waiting[0] if self._waiting else None
-            cost = 0 if head is None else to_prefill(head[0]) if to_prefill is not None else head[1].prompt_len
+            cost = 0 if head is None else _prefill_cost(*head, to_prefill)
             if head is not None and cost > self.limits.max_prefill_tokens:
                 if not self.fits(load, [head[1]]):
                     return StepPlan(decode=load.rows > 0)
