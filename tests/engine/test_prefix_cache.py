@@ -245,6 +245,25 @@ async def test_a_soak_of_random_prefixes_evicts_idle_rows_and_memory_stays_flat(
 # ---------- rows that share a prefix attend to it together ----------
 
 
+def test_attention_with_log_sum_exp_fused_and_plain():
+    from falcon_service.engine.falcon import fused_attention_with_lse, plain_attention_with_lse
+
+    g = torch.Generator().manual_seed(1)
+    q, keys, values = (torch.randn(3, 4, 8, generator=g), torch.randn(3, 7, 8, generator=g),
+                       torch.randn(3, 7, 8, generator=g))
+    bias = torch.zeros(3, 1, 7)
+    bias[1, 0, 5:] = float("-inf")
+    scores = q @ keys.transpose(1, 2) * 0.5 + bias
+    for fn in (fused_attention_with_lse, plain_attention_with_lse):
+        out, lse = fn(q, keys, values, bias, 0.5)
+        torch.testing.assert_close(out, scores.softmax(-1) @ values, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lse, scores.logsumexp(-1, keepdim=True), atol=1e-5, rtol=1e-5)
+        out, lse = fn(q, keys, values, None, 0.5)
+        plain = q @ keys.transpose(1, 2) * 0.5
+        torch.testing.assert_close(out, plain.softmax(-1) @ values, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lse, plain.logsumexp(-1, keepdim=True), atol=1e-5, rtol=1e-5)
+
+
 def test_cascade_attention_is_the_softmax_over_both_parts():
     from falcon_service.engine.falcon import cascade_attention
 
@@ -262,16 +281,18 @@ def test_cascade_attention_is_the_softmax_over_both_parts():
     torch.testing.assert_close(got, scores.softmax(-1) @ values, atol=1e-5, rtol=1e-5)
 
 
-def test_decode_rows_sharing_a_prefix_give_the_logits_of_each_alone(tiny_model):
+@pytest.mark.parametrize("with_stranger", [True, False], ids=["some-rows-share", "all-rows-share"])
+def test_decode_rows_sharing_a_prefix_give_the_logits_of_each_alone(tiny_model, with_stranger):
     runner = FalconRunner(tiny_model, batch_rows=6, max_len=256, pool_rows=8)
     batch = RunningBatch(runner, prefix_caching=True)
     system = tokens(6 * BLOCK, seed=7)
     first = [*system, *tokens(5, seed=8)]
     batch.add([first], [1])
     others = [[*system, *tokens(3 + i, seed=9 + i)] for i in range(3)]
-    stranger = tokens(30, seed=20)
-    batch.add([*others, stranger], [1, 2, 1, 1], [batch.lookup(p) for p in others] + [None])
-    seqs = [first, others[0], others[1], others[1], others[2], stranger]
+    strangers = [tokens(30, seed=20)] if with_stranger else []
+    batch.add([*others, *strangers], [1, 2, 1, *[1] * len(strangers)],
+              [batch.lookup(p) for p in others] + [None] * len(strangers))
+    seqs = [first, others[0], others[1], others[1], others[2], *strangers]
     shared = batch.shared_prefix()
     assert shared is not None and shared.length == 6 * BLOCK and sorted(shared.rows) == [0, 1, 2, 3, 4]
     calls = []
@@ -282,7 +303,7 @@ def test_decode_rows_sharing_a_prefix_give_the_logits_of_each_alone(tiny_model):
         return original(count, width, shared)
 
     runner.decode = recording
-    fed = [5, 6, 7, 8, 9, 10]
+    fed = [5, 6, 7, 8, 9, 10][: len(seqs)]
     logits = batch.step(fed)
     assert calls and calls[0] is not None, "the rows did not attend to their prefix together"
     for row, (prompt, token) in enumerate(zip(seqs, fed, strict=True)):
