@@ -44,8 +44,9 @@ class Settings(BaseModel):
     torch_threads: int | None = Field(
         None, ge=1, description="CPU threads of the engine's torch work; default: all cores the process may use"
     )
-    max_prefill_tokens: int = Field(
-        512, ge=1, description="prompt tokens prefilled per engine step; longer prompts go in chunks"
+    max_prefill_tokens: int | None = Field(
+        None, ge=1, description="prompt tokens prefilled per engine step; longer prompts go in chunks; default: "
+        "128 on CPU (where a step's time grows with its tokens), 512 on a GPU"
     )
     max_queue_size: int = Field(256, ge=0, description="requests waiting for a batch slot before 429")
     api_key: str | None = Field(

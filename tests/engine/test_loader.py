@@ -142,3 +142,18 @@ def test_the_driver_version_is_read_from_the_kernel_module(tmp_path, monkeypatch
     assert loader.nvidia_driver() == "580.95.05"
     version.write_text("NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.129.03  Thu Oct 19 18:56:32 UTC 2023\n")
     assert loader.nvidia_driver() == "535.129.03"
+
+
+@pytest.mark.parametrize("setting, expected", [(None, 128), (300, 300)])
+def test_a_cpu_engine_prefills_128_prompt_tokens_per_step_unless_told(tiny_checkpoint, setting, expected):
+    """On a CPU a step's time grows with its prompt tokens: the default budget keeps steps short there."""
+    from falcon_service.engine.loader import EngineOptions, default_prefill_tokens, load_engine
+
+    assert (default_prefill_tokens("cpu"), default_prefill_tokens("cuda")) == (128, 512)
+    engine = load_engine(tiny_checkpoint, EngineOptions(device="cpu", dtype="float32", max_batch_size=2,
+                                                        max_batch_tokens=4096, max_prefill_tokens=setting))
+    try:
+        assert engine.limits.max_prefill_tokens == expected
+        assert engine.scheduler.limits.max_prefill_tokens == expected
+    finally:
+        engine.shutdown()
