@@ -285,6 +285,14 @@ def fused_attention_with_lse(q: torch.Tensor, keys: torch.Tensor, values: torch.
     return out.squeeze(1).float(), lse.squeeze(1).unsqueeze(-1)
 
 
+def merge_by_lse(first: tuple[torch.Tensor, torch.Tensor], second: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The softmax attention over two disjoint sets of keys, from each set's (output, log-sum-exp)."""
+    (out_a, lse_a), (out_b, lse_b) = first, second
+    top = torch.maximum(lse_a, lse_b)
+    a, b = (lse_a - top).exp_(), (lse_b - top).exp_()
+    return (out_a * a + out_b * b) / (a + b)
+
+
 def plain_attention_with_lse(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None,
                              scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     q, keys, values = q.float(), keys.float(), values.float()
@@ -308,11 +316,8 @@ def cascade_attention(q: torch.Tensor, shared_k: torch.Tensor, shared_v: torch.T
     rows, queries, dim = q.shape
     shared_out, shared_lse = attention_with_lse(q.reshape(1, rows * queries, dim), shared_k[None], shared_v[None],
                                                 None, scale)
-    own_out, own_lse = attention_with_lse(q, own_k, own_v, own_bias, scale)
-    shared_out, shared_lse = shared_out.view(rows, queries, dim), shared_lse.view(rows, queries, 1)
-    top = torch.maximum(shared_lse, own_lse)
-    a, b = (shared_lse - top).exp_(), (own_lse - top).exp_()
-    return (shared_out * a + own_out * b) / (a + b)
+    shared = shared_out.view(rows, queries, dim), shared_lse.view(rows, queries, 1)
+    return merge_by_lse(shared, attention_with_lse(q, own_k, own_v, own_bias, scale))
 
 
 class _DecodePlan:
@@ -412,7 +417,18 @@ class _PrefillPlan:
         self.width_k = max(ends)
         self.cos, self.sin = runner.cos[pos].unsqueeze(1), runner.sin[pos].unsqueeze(1)  # (n, 1, Sq, D)
         self.allowed: torch.Tensor | None = None
-        if not self.fresh:
+        # On a CPU, chunks that all continue after cached tokens attend in two parts merged by their
+        # log-sum-exps: the cached tokens, which every query of a row sees (no mask unless the rows cache
+        # different lengths: SDPA's flash kernel then runs unmasked, with the heads as the query rows of the
+        # one KV head), and the chunk itself, causally. 1.25x faster than one masked pass over both.
+        self.cached = max(offsets) if runner.device.type == "cpu" and min(offsets) > 0 else 0
+        if self.cached:
+            self.rows = list(rows)
+            self.cached_bias = None
+            if min(offsets) != self.cached:
+                pad = [[0.0] * o + [float("-inf")] * (self.cached - o) for o in offsets]
+                self.cached_bias = torch.tensor(pad, dtype=runner.dtype).view(n, 1, self.cached)
+        elif not self.fresh:
             key_pos = runner._positions[: self.width_k]
             ends_t = io.upload(ends, torch.long)
             allowed = (key_pos[None, None, :] <= pos[:, :, None]) & (key_pos[None, None, :] < ends_t[:, None, None])
@@ -430,9 +446,27 @@ class _PrefillPlan:
         r.values[layer].index_put_((self.write_rows, self.write_pos), flat_v)
         if self.fresh:
             attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=r.scale, enable_gqa=True)
+        elif self.cached:
+            attn = self._after_cached(layer, q, k, v)
         else:
             keys = r.keys[layer, :, : self.width_k].index_select(0, self.row_index).unsqueeze(1)
             values = r.values[layer, :, : self.width_k].index_select(0, self.row_index).unsqueeze(1)
             attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=self.allowed, scale=r.scale,
                                                   enable_gqa=True)
         return attn.transpose(1, 2).reshape(n * width_q, heads * r.head_dim)
+
+    def _after_cached(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Attention of chunks that continue after cached tokens, in the two parts (CPU): q (n, H, Sq, D),
+        the chunks' own keys and values (n, 1, Sq, D); returns (n, H, Sq, D)."""
+        r, n, heads, width_q, dim = self.runner, self.n, self.runner.num_heads, self.width_q, self.runner.head_dim
+        if n == 1:
+            keys = r.keys[layer, self.rows[0], : self.cached][None]
+            values = r.values[layer, self.rows[0], : self.cached][None]
+        else:
+            keys = r.keys[layer, :, : self.cached].index_select(0, self.row_index)
+            values = r.values[layer, :, : self.cached].index_select(0, self.row_index)
+        cached = fused_attention_with_lse(q.reshape(n, heads * width_q, dim), keys, values, self.cached_bias, r.scale)
+        own, own_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k.expand(n, heads, width_q, dim), v.expand(n, heads, width_q, dim), is_causal=True, scale=r.scale)
+        own_part = own.float().reshape(n, heads * width_q, dim), own_lse.reshape(n, heads * width_q, 1)
+        return merge_by_lse(cached, own_part).to(q.dtype).view(n, heads, width_q, dim)

@@ -49,6 +49,19 @@ def test_chunked_prefill_equals_whole_prefill(runner, tiny_model, texts):
     torch.testing.assert_close(logits[0], reference_logits(tiny_model, tokens), atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("cut", [[3, 5, 2], [4, 4, 4], [0, 3, 5]], ids=["unequal-cached", "equal-cached", "one-fresh"])
+def test_chunks_after_cached_tokens_of_several_rows_in_one_pass(runner, tiny_model, texts, cut):
+    """Rows continuing after what they cache (as after a prefix-cache hit), prefilled together: on a CPU their
+    attention runs in two parts (the cached tokens, then the chunk) merged by log-sum-exps."""
+    prompts = texts[:3]
+    assert all(len(p) > c for p, c in zip(prompts, cut, strict=True))
+    first = [(row, p[:c]) for row, (p, c) in enumerate(zip(prompts, cut, strict=True)) if c]
+    runner.prefill([r for r, _ in first], [c for _, c in first], [0] * len(first))
+    logits = runner.prefill([0, 1, 2], [p[c:] for p, c in zip(prompts, cut, strict=True)], cut)
+    for row, tokens in enumerate(prompts):
+        torch.testing.assert_close(logits[row], reference_logits(tiny_model, tokens), atol=ATOL, rtol=0)
+
+
 def test_staggered_adds_steps_and_removals_match_each_sequence_alone(runner, tiny_model, texts):
     batch = RunningBatch(runner)
     seqs: list[list[int]] = []  # row i's tokens so far (prompt + fed tokens)
