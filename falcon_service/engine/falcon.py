@@ -348,9 +348,9 @@ class _DecodePlan:
     def attend(self, layer: int, qkv: torch.Tensor) -> torch.Tensor:
         r, heads, batch = self.runner, self.runner.num_heads, self.count
         qkv = qkv.view(batch, heads + 2, r.head_dim)
-        q, k, v = qkv[:, :heads], qkv[:, heads:heads + 1], qkv[:, heads + 1]
-        q = q * self.cos + _rotate_half(q) * self.sin
-        k = (k * self.cos + _rotate_half(k) * self.sin)[:, 0]
+        qk = qkv[:, : heads + 1]  # the queries and the one key get their rotary positions together
+        qk = qk * self.cos + _rotate_half(qk) * self.sin
+        q, k, v = qk[:, :heads], qk[:, heads], qkv[:, heads + 1]
         r.keys[layer].index_put_((self.rows, self.lengths), k)
         r.values[layer].index_put_((self.rows, self.lengths), v)
         keys = r.keys[layer, :batch, : self.width]  # (B, W, D): views, no copy
@@ -437,9 +437,9 @@ class _PrefillPlan:
     def attend(self, layer: int, qkv: torch.Tensor) -> torch.Tensor:
         r, heads, n, width_q = self.runner, self.runner.num_heads, self.n, self.width_q
         qkv = qkv.view(n, width_q, heads + 2, r.head_dim).transpose(1, 2)
-        q, k, v = qkv[:, :heads], qkv[:, heads:heads + 1], qkv[:, heads + 1:]
-        q = q * self.cos + _rotate_half(q) * self.sin
-        k = k * self.cos + _rotate_half(k) * self.sin
+        qk = qkv[:, : heads + 1]
+        qk = qk * self.cos + _rotate_half(qk) * self.sin
+        q, k, v = qk[:, :heads], qk[:, heads:], qkv[:, heads + 1:]
         flat_k = k[:, 0].reshape(n * width_q, r.head_dim).index_select(0, self.valid)
         flat_v = v[:, 0].reshape(n * width_q, r.head_dim).index_select(0, self.valid)
         r.keys[layer].index_put_((self.write_rows, self.write_pos), flat_k)
