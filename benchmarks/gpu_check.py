@@ -278,6 +278,20 @@ def report(check: Check) -> str:
         f"Decode step (CUDA graph, width 128): {model.get('decode_step_ms')} ms by batch size. "
         f"Attention kernels: {model.get('attention')}.",
         "",
+    ]
+    prof = model.get("step_profile")
+    if prof:
+        lines += [
+            f"Step profile at batch {prof['batch']}: graphed decode step {fmt(prof['decode_ms'], 2, ' ms')} wall, "
+            f"{fmt(prof['busy_ms'], 2, ' ms')} of kernels in it; a step that also prefills one 32-token prompt "
+            f"(eager) {fmt(prof['mixed_ms'], 2, ' ms')}.",
+            "",
+            "| kernel | ms per step | calls per step |",
+            "|---|---:|---:|",
+            *[f"| `{k['name']}` | {k['ms_per_step']} | {k['calls_per_step']} |" for k in prof["kernels"]],
+            "",
+        ]
+    lines += [
         "| figure | this service | peer / bound | target | met |",
         "|---|---:|---:|---|---|",
     ]

@@ -140,6 +140,54 @@ def decode_step_times(model, batch_sizes: tuple[int, ...] = (1, 64), steps: int 
     return times
 
 
+def step_profile(model, batch_size: int = 64, steps: int = 20, top: int = 12) -> dict:
+    """Where a decode step's time goes, and what a step that also prefills costs.
+
+    - `decode_ms` / `busy_ms`: wall time per graphed decode step, and the device's kernel time in it
+      (the difference is time the device waits for the host);
+    - `kernels`: the kernels with the most time per step (name, ms per step, calls per step);
+    - `mixed_ms`: a step of batch_size - 1 decoding rows plus one new 32-token prompt (eager: the steps
+      that admit a request are not graphed), against `decode_ms`.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    runner = FalconRunner(model, batch_rows=batch_size, max_len=model.config.max_position_embeddings)
+    on_cuda = runner.device.type == "cuda"
+    graphs = DecodeGraphs(runner) if on_cuda else None
+    batch = RunningBatch(runner, graphs.decode if graphs else None)
+    batch.add([list(range(1, 33))] * (batch_size - 1), [1] * (batch_size - 1))
+    batch.set_tokens(0, [3] * (batch_size - 1))
+    for _ in range(3):
+        batch.step()
+    sync(runner.device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            batch.step()
+        sync(runner.device)
+        decode_ms = 1000 * (time.perf_counter() - start) / steps
+    events = [e for e in prof.key_averages() if (e.device_time_total if on_cuda else e.self_cpu_time_total) > 0]
+
+    def own_us(e) -> float:
+        return e.self_device_time_total if on_cuda else e.self_cpu_time_total
+
+    events.sort(key=own_us, reverse=True)
+    busy_ms = sum(own_us(e) for e in events) / 1000 / steps
+    kernels = [{"name": e.key[:90], "ms_per_step": round(own_us(e) / 1000 / steps, 4),
+                "calls_per_step": round(e.count / steps, 1)} for e in events[:top]]
+    mixed = []
+    for i in range(5):
+        sync(runner.device)
+        start = time.perf_counter()
+        batch.step_and_add(None, [list(range(40 + i, 72 + i))], [1])
+        sync(runner.device)
+        mixed.append(1000 * (time.perf_counter() - start))
+        batch.remove([batch.size - 1])
+    return {"batch": batch_size, "decode_ms": decode_ms, "busy_ms": busy_ms, "kernels": kernels,
+            "mixed_ms": sorted(mixed)[len(mixed) // 2]}
+
+
 def transformers_generate_peer(model, tokens: torch.Tensor, new_tokens: int, compile_: bool, runs: int = 3) -> dict:
     """transformers' fastest single stream: a static KV cache and (optionally) the forward compiled."""
     from transformers import GenerationConfig
@@ -219,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"attention: {report['attention']}", flush=True)
     report["decode_step_ms"] = decode_step_times(model)
     print(f"decode step ms: {report['decode_step_ms']}", flush=True)
+    save()
+    report["step_profile"] = step_profile(model)
+    print(f"step profile: {report['step_profile']}", flush=True)
     save()
     # the float32 reference before the peer: on the first GPU run the compiled peer timed out once and
     # crashed (SIGSEGV in inductor) once, and took the correctness figures with it
