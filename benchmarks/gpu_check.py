@@ -280,6 +280,8 @@ def report(check: Check) -> str:
         "",
     ]
     prof = model.get("step_profile")
+    if model.get("step_profile_error"):
+        lines += [f"Step profile failed: {model['step_profile_error'][:200]}", ""]
     if prof:
         lines += [
             f"Step profile at batch {prof['batch']}: graphed decode step {fmt(prof['decode_ms'], 2, ' ms')} wall, "

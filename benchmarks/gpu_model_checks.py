@@ -268,8 +268,11 @@ def main(argv: list[str] | None = None) -> int:
     report["decode_step_ms"] = decode_step_times(model)
     print(f"decode step ms: {report['decode_step_ms']}", flush=True)
     save()
-    report["step_profile"] = step_profile(model)
-    print(f"step profile: {report['step_profile']}", flush=True)
+    try:  # a diagnosis: its failure must not take the float32 reference and the peer with it
+        report["step_profile"] = step_profile(model)
+    except Exception as exc:
+        report["step_profile_error"] = f"{type(exc).__name__}: {exc}"
+    print(f"step profile: {report.get('step_profile') or report.get('step_profile_error')}", flush=True)
     save()
     # the float32 reference before the peer: on the first GPU run the compiled peer timed out once and
     # crashed (SIGSEGV in inductor) once, and took the correctness figures with it
