@@ -420,7 +420,8 @@ class _PrefillPlan:
         # On a CPU, chunks that all continue after cached tokens attend in two parts merged by their
         # log-sum-exps: the cached tokens, which every query of a row sees (no mask unless the rows cache
         # different lengths: SDPA's flash kernel then runs unmasked, with the heads as the query rows of the
-        # one KV head), and the chunk itself, causally. 1.25x faster than one masked pass over both.
+        # one KV head), and the chunk itself, causally. For one request's 75 tokens after 1,024 cached ones:
+        # 1.28 against 1.60 ms a layer alone, 2-3% of a step that also decodes 15 rows.
         self.cached = max(offsets) if runner.device.type == "cpu" and min(offsets) > 0 else 0
         if self.cached:
             self.rows = list(rows)
