@@ -120,18 +120,25 @@ def attention_fast_paths(model) -> dict:
     return result
 
 
+def decoding_batch(model, batch_rows: int, decoding: int) -> tuple[FalconRunner, RunningBatch]:
+    """A batch of `batch_rows` rows (CUDA graphs on a GPU) with `decoding` rows of 32-token prompts, warmed
+    up by three decode steps, the device idle."""
+    runner = FalconRunner(model, batch_rows=batch_rows, max_len=model.config.max_position_embeddings)
+    graphs = DecodeGraphs(runner) if runner.device.type == "cuda" else None
+    batch = RunningBatch(runner, graphs.decode if graphs else None)
+    batch.add([list(range(1, 33))] * decoding, [1] * decoding)
+    batch.set_tokens(0, [3] * decoding)
+    for _ in range(3):
+        batch.step()
+    sync(runner.device)
+    return runner, batch
+
+
 def decode_step_times(model, batch_sizes: tuple[int, ...] = (1, 64), steps: int = 50) -> dict:
     """Milliseconds per decode step (CUDA graph replay, width bucket 128), the engine's floor per token."""
     times = {}
     for batch_size in batch_sizes:
-        runner = FalconRunner(model, batch_rows=batch_size, max_len=model.config.max_position_embeddings)
-        graphs = DecodeGraphs(runner) if runner.device.type == "cuda" else None
-        batch = RunningBatch(runner, graphs.decode if graphs else None)
-        batch.add([list(range(1, 33))] * batch_size, [1] * batch_size)
-        batch.set_tokens(0, [3] * batch_size)
-        for _ in range(3):
-            batch.step()
-        sync(runner.device)
+        runner, batch = decoding_batch(model, batch_size, batch_size)
         start = time.perf_counter()
         for _ in range(steps):
             batch.step()
@@ -151,15 +158,8 @@ def step_profile(model, batch_size: int = 64, steps: int = 20, top: int = 12) ->
     """
     from torch.profiler import ProfilerActivity, profile
 
-    runner = FalconRunner(model, batch_rows=batch_size, max_len=model.config.max_position_embeddings)
+    runner, batch = decoding_batch(model, batch_size, batch_size - 1)
     on_cuda = runner.device.type == "cuda"
-    graphs = DecodeGraphs(runner) if on_cuda else None
-    batch = RunningBatch(runner, graphs.decode if graphs else None)
-    batch.add([list(range(1, 33))] * (batch_size - 1), [1] * (batch_size - 1))
-    batch.set_tokens(0, [3] * (batch_size - 1))
-    for _ in range(3):
-        batch.step()
-    sync(runner.device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
     with profile(activities=activities) as prof:
         start = time.perf_counter()
