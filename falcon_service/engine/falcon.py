@@ -424,7 +424,6 @@ class _PrefillPlan:
         # 1.28 against 1.60 ms a layer alone, 2-3% of a step that also decodes 15 rows.
         self.cached = max(offsets) if runner.device.type == "cpu" and min(offsets) > 0 else 0
         if self.cached:
-            self.rows = list(rows)
             self.cached_bias = None
             if min(offsets) != self.cached:
                 pad = [[0.0] * o + [float("-inf")] * (self.cached - o) for o in offsets]
@@ -460,12 +459,8 @@ class _PrefillPlan:
         """Attention of chunks that continue after cached tokens, in the two parts (CPU): q (n, H, Sq, D),
         the chunks' own keys and values (n, 1, Sq, D); returns (n, H, Sq, D)."""
         r, n, heads, width_q, dim = self.runner, self.n, self.runner.num_heads, self.width_q, self.runner.head_dim
-        if n == 1:
-            keys = r.keys[layer, self.rows[0], : self.cached][None]
-            values = r.values[layer, self.rows[0], : self.cached][None]
-        else:
-            keys = r.keys[layer, :, : self.cached].index_select(0, self.row_index)
-            values = r.values[layer, :, : self.cached].index_select(0, self.row_index)
+        keys = r.keys[layer, :, : self.cached].index_select(0, self.row_index)
+        values = r.values[layer, :, : self.cached].index_select(0, self.row_index)
         cached = fused_attention_with_lse(q.reshape(n, heads * width_q, dim), keys, values, self.cached_bias, r.scale)
         own, own_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k.expand(n, heads, width_q, dim), v.expand(n, heads, width_q, dim), is_causal=True, scale=r.scale)
