@@ -2,9 +2,9 @@
 
 transformers' `FalconForCausalLM` holds the weights; this module runs them without its
 generic machinery: no cache concatenation per step (keys and values are written in place
-into the `KVCache`), multi-query attention without expanding the single KV head, logits only
-for the positions that need them. Architecture: multi-query attention, parallel attention +
-MLP, rotary positions (Falcon-7B / 7B-Instruct).
+into the `KVCache`), multi-query attention without expanding the single KV head, logits (and
+the last layer's attention and MLP) only for the positions that need them. Architecture:
+multi-query attention, parallel attention + MLP, rotary positions (Falcon-7B / 7B-Instruct).
 
 Nothing here waits for the device: shapes come from the host's own bookkeeping, index lists are
 uploaded (`DeviceIO`), and a decode step reads its inputs from fixed buffers (`tokens`,
@@ -222,21 +222,24 @@ class FalconRunner:
         ids = torch.cat([p.ids for p in plans]) if len(plans) > 1 else plans[0].ids
         split = decode.count if decode is not None else 0
         x = F.embedding(ids, self.embed)
+        last_layer = len(self.layers) - 1
         for layer, w in enumerate(self.layers):
             h = F.layer_norm(x, (self.hidden,), w.ln_weight, w.ln_bias, self.eps)
             qkv = w.qkv(h)
-            if decode is not None and prefill is not None:
+            if prefill is not None and layer == last_layer:
+                # the last layer's output is wanted only where logits are: each chunk's last token (and
+                # every decode row); the chunk's other tokens need only their keys and values written
+                attn = prefill.attend_last(layer, qkv[split:])
+                x, h = prefill.pick_last(x, split), prefill.pick_last(h, split)
+                if decode is not None:
+                    attn = torch.cat([decode.attend(layer, qkv[:split]), attn])
+            elif decode is not None and prefill is not None:
                 attn = torch.cat([decode.attend(layer, qkv[:split]), prefill.attend(layer, qkv[split:])])
             else:
                 attn = plans[0].attend(layer, qkv)
             x = self._mlp_and_residual(x, h, w.dense(attn), w)
-        picks = []
-        if decode is not None:
-            picks.append(x[:split])
-        if prefill is not None:
-            picks.append(x[split:].index_select(0, prefill.last_index))
-        last = torch.cat(picks) if len(picks) > 1 else picks[0]
-        logits = self.lm_head(F.layer_norm(last, (self.hidden,), self.ln_f[0], self.ln_f[1], self.eps))
+        # x holds the decode rows, then each chunk's last token
+        logits = self.lm_head(F.layer_norm(x, (self.hidden,), self.ln_f[0], self.ln_f[1], self.eps))
         if decode is None:
             return None, logits
         if prefill is None:
@@ -415,6 +418,13 @@ class _PrefillPlan:
         self.last_index = io.upload([i * width_q + s - 1 for i, s in enumerate(sizes)], torch.long)
         self.row_index = io.upload(list(rows), torch.long)
         self.width_k = max(ends)
+        # the last tokens' attention (last layer) over rows of different lengths: each row's own positions only
+        ends_t = io.upload(ends, torch.long)
+        key_pos = runner._positions[: self.width_k]
+        self.last_mask: torch.Tensor | None = None
+        if min(ends) != self.width_k:
+            mask = torch.zeros(n, 1, 1, self.width_k, dtype=runner.dtype, device=runner.device)
+            self.last_mask = mask.masked_fill_(key_pos >= ends_t[:, None, None, None], float("-inf"))
         self.cos, self.sin = runner.cos[pos].unsqueeze(1), runner.sin[pos].unsqueeze(1)  # (n, 1, Sq, D)
         self.allowed: torch.Tensor | None = None
         # On a CPU, chunks that all continue after cached tokens attend in two parts merged by their
@@ -429,12 +439,12 @@ class _PrefillPlan:
                 pad = [[0.0] * o + [float("-inf")] * (self.cached - o) for o in offsets]
                 self.cached_bias = torch.tensor(pad, dtype=runner.dtype).view(n, 1, self.cached)
         elif not self.fresh:
-            key_pos = runner._positions[: self.width_k]
-            ends_t = io.upload(ends, torch.long)
             allowed = (key_pos[None, None, :] <= pos[:, :, None]) & (key_pos[None, None, :] < ends_t[:, None, None])
             self.allowed = allowed.unsqueeze(1)  # (n, 1, Sq, Sk)
 
-    def attend(self, layer: int, qkv: torch.Tensor) -> torch.Tensor:
+    def _rotate_and_write(self, layer: int, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The chunks' queries and their one key with rotary positions, the key and value written to the
+        cache; returns q (n, H, Sq, D), k and v (n, 1, Sq, D)."""
         r, heads, n, width_q = self.runner, self.runner.num_heads, self.n, self.width_q
         qkv = qkv.view(n, width_q, heads + 2, r.head_dim).transpose(1, 2)
         qk = qkv[:, : heads + 1]
@@ -444,6 +454,27 @@ class _PrefillPlan:
         flat_v = v[:, 0].reshape(n * width_q, r.head_dim).index_select(0, self.valid)
         r.keys[layer].index_put_((self.write_rows, self.write_pos), flat_k)
         r.values[layer].index_put_((self.write_rows, self.write_pos), flat_v)
+        return q, k, v
+
+    def pick_last(self, x: torch.Tensor, split: int) -> torch.Tensor:
+        """Of `x` (split decode rows, then the chunks' padded tokens), the decode rows and each chunk's
+        last token."""
+        last = x[split:].index_select(0, self.last_index)
+        return torch.cat([x[:split], last]) if split else last
+
+    def attend_last(self, layer: int, qkv: torch.Tensor) -> torch.Tensor:
+        """Write every chunk token's key and value, and attend for each chunk's last token only, over its
+        row's whole context (the cache now holds it): (n, H * D)."""
+        r, heads, n = self.runner, self.runner.num_heads, self.n
+        q, _, _ = self._rotate_and_write(layer, qkv)
+        last_q = q.transpose(1, 2).reshape(n * self.width_q, heads, r.head_dim).index_select(0, self.last_index)
+        keys = r.keys[layer, :, : self.width_k].index_select(0, self.row_index)
+        values = r.values[layer, :, : self.width_k].index_select(0, self.row_index)
+        return decode_attention(last_q, keys, values, self.last_mask, r.scale).reshape(n, heads * r.head_dim)
+
+    def attend(self, layer: int, qkv: torch.Tensor) -> torch.Tensor:
+        r, heads, n, width_q = self.runner, self.runner.num_heads, self.n, self.width_q
+        q, k, v = self._rotate_and_write(layer, qkv)
         if self.fresh:
             attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=r.scale, enable_gqa=True)
         elif self.cached:
