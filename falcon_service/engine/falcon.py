@@ -78,9 +78,10 @@ def make_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> Linear:
     return lambda x: F.linear(x, weight, bias)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotary positions: `x * cos + rotate_half(x) * sin`, where rotate_half(x) = (-x2, x1) for the halves
+    x1, x2 of x, in three ops: the halves swapped by a roll, with the sign in `signed_sin` = (-sin1, sin2)."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), signed_sin)
 
 
 @dataclass(frozen=True)
@@ -154,7 +155,9 @@ class FalconRunner:
             positions = torch.arange(max_len, device=self.device)[None]
             probe = torch.zeros(1, dtype=self.dtype, device=self.device)
             cos, sin = t.rotary_emb(probe, positions)
-        self.cos, self.sin = cos[0], sin[0]  # (max_len, head_dim)
+        half = self.head_dim // 2
+        # (max_len, head_dim); the sine's first half negated for `rotary`
+        self.cos, self.signed_sin = cos[0], torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1)
         self.cache = KVCache(len(self.layers), batch_rows, max_len, self.head_dim, self.dtype, self.device, pool_rows)
         self._positions = torch.arange(max_len, device=self.device)
         # decode inputs: fixed buffers, so that a captured decode step replays over new values
@@ -291,9 +294,8 @@ def fused_attention_with_lse(q: torch.Tensor, keys: torch.Tensor, values: torch.
 def merge_by_lse(first: tuple[torch.Tensor, torch.Tensor], second: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """The softmax attention over two disjoint sets of keys, from each set's (output, log-sum-exp)."""
     (out_a, lse_a), (out_b, lse_b) = first, second
-    top = torch.maximum(lse_a, lse_b)
-    a, b = (lse_a - top).exp_(), (lse_b - top).exp_()
-    return (out_a * a + out_b * b) / (a + b)
+    # the first set's share of the softmax mass, e^a / (e^a + e^b), is sigmoid(a - b)
+    return torch.lerp(out_b, out_a, torch.sigmoid(lse_a - lse_b))
 
 
 def plain_attention_with_lse(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None,
@@ -344,7 +346,7 @@ class _DecodePlan:
         lengths = runner.lengths[:count]
         self.lengths = lengths
         self.rows = runner.write_rows[:count]
-        self.cos, self.sin = runner.cos[lengths].unsqueeze(1), runner.sin[lengths].unsqueeze(1)  # (B, 1, D)
+        self.cos, self.signed_sin = runner.cos[lengths].unsqueeze(1), runner.signed_sin[lengths].unsqueeze(1)  # B, 1, D
         mask = torch.zeros(count, 1, 1, width, dtype=runner.dtype, device=runner.device)
         self.mask = mask.masked_fill_(runner._positions[:width] > lengths[:, None, None, None], float("-inf"))
 
@@ -352,7 +354,7 @@ class _DecodePlan:
         r, heads, batch = self.runner, self.runner.num_heads, self.count
         qkv = qkv.view(batch, heads + 2, r.head_dim)
         qk = qkv[:, : heads + 1]  # the queries and the one key get their rotary positions together
-        qk = qk * self.cos + _rotate_half(qk) * self.sin
+        qk = rotary(qk, self.cos, self.signed_sin)
         q, k, v = qk[:, :heads], qk[:, heads], qkv[:, heads + 1]
         r.keys[layer].index_put_((self.rows, self.lengths), k)
         r.values[layer].index_put_((self.rows, self.lengths), v)
@@ -425,7 +427,7 @@ class _PrefillPlan:
         if min(ends) != self.width_k:
             mask = torch.zeros(n, 1, 1, self.width_k, dtype=runner.dtype, device=runner.device)
             self.last_mask = mask.masked_fill_(key_pos >= ends_t[:, None, None, None], float("-inf"))
-        self.cos, self.sin = runner.cos[pos].unsqueeze(1), runner.sin[pos].unsqueeze(1)  # (n, 1, Sq, D)
+        self.cos, self.signed_sin = runner.cos[pos].unsqueeze(1), runner.signed_sin[pos].unsqueeze(1)  # (n, 1, Sq, D)
         self.allowed: torch.Tensor | None = None
         # On a CPU, chunks that all continue after cached tokens attend in two parts merged by their
         # log-sum-exps: the cached tokens, which every query of a row sees (no mask unless the rows cache
@@ -448,7 +450,7 @@ class _PrefillPlan:
         r, heads, n, width_q = self.runner, self.runner.num_heads, self.n, self.width_q
         qkv = qkv.view(n, width_q, heads + 2, r.head_dim).transpose(1, 2)
         qk = qkv[:, : heads + 1]
-        qk = qk * self.cos + _rotate_half(qk) * self.sin
+        qk = rotary(qk, self.cos, self.signed_sin)
         q, k, v = qk[:, :heads], qk[:, heads:], qkv[:, heads + 1:]
         flat_k = k[:, 0].reshape(n * width_q, r.head_dim).index_select(0, self.valid)
         flat_v = v[:, 0].reshape(n * width_q, r.head_dim).index_select(0, self.valid)
