@@ -4,15 +4,18 @@
   middleware does: that one labels its series with the raw path, so every unknown path would add
   series to /metrics for good. BentoML puts user middleware inside its own, so the gateway is
   installed around that middleware (BentoML builds it by name at app creation).
-- A deadline for request heads: uvicorn (h11) waits for a request's headers without limit (its
-  keep-alive timeout restarts with every byte), so a client sending headers a byte at a time holds
-  a connection for ever. Each connection must complete a request head within `head_timeout`.
+- A deadline for request heads: uvicorn (httptools or h11) waits for a request's headers without
+  limit (its keep-alive timeout restarts with every byte), so a client sending headers a byte at a
+  time holds a connection for ever. Each connection must complete a request head within `head_timeout`.
 
-Both adapt pinned versions (bentoml 1.4.40, uvicorn 0.54); the e2e tests exercise both.
+Both adapt pinned versions (bentoml 1.4.40, uvicorn 0.55, httptools 0.9); the e2e tests exercise both
+(the head deadline with httptools, as the server runs), and `tests/test_http_stack.py` runs the head
+deadline on a real uvicorn with each of its parsers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from functools import partial
 
@@ -44,43 +47,83 @@ def install_gateway(rules: GatewayRules, drain: Drain) -> None:
 
 def limit_request_heads(head_timeout: float) -> None:
     """Close a connection that has not sent a whole request head within `head_timeout` seconds of
-    opening, or of its previous response."""
+    opening, or of its previous response: in both of uvicorn's HTTP implementations (it takes
+    httptools when installed, as requirements.txt pins it; h11 otherwise)."""
+    _limit_h11(head_timeout)
+    with contextlib.suppress(ImportError):
+        _limit_httptools(head_timeout)
+
+
+def _arm(protocol) -> None:
+    _disarm(protocol)
+    protocol._falcon_head_timer = protocol.loop.call_later(protocol.falcon_head_timeout, _expire, protocol)
+
+
+def _disarm(protocol) -> None:
+    timer = getattr(protocol, "_falcon_head_timer", None)
+    if timer is not None:
+        timer.cancel()
+        protocol._falcon_head_timer = None
+
+
+def _expire(protocol) -> None:
+    protocol._falcon_head_timer = None
+    if not protocol.transport.is_closing():  # still no whole head: drop the connection
+        protocol.transport.close()
+
+
+def _limit_h11(head_timeout: float) -> None:
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
-    if getattr(H11Protocol, "falcon_head_timeout", None) is not None:
-        H11Protocol.falcon_head_timeout = head_timeout
-        return
+    already = getattr(H11Protocol, "falcon_head_timeout", None) is not None
     H11Protocol.falcon_head_timeout = head_timeout
+    if already:
+        return
     made, handle, completed = H11Protocol.connection_made, H11Protocol.handle_events, H11Protocol.on_response_complete
-
-    def arm(self) -> None:
-        disarm(self)
-        self._falcon_head_timer = self.loop.call_later(self.falcon_head_timeout, expire, self)
-
-    def disarm(self) -> None:
-        timer = getattr(self, "_falcon_head_timer", None)
-        if timer is not None:
-            timer.cancel()
-            self._falcon_head_timer = None
-
-    def expire(self) -> None:
-        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():  # still no whole head: drop it
-            self.transport.close()
 
     def connection_made(self, transport) -> None:
         made(self, transport)
-        arm(self)
+        _arm(self)
 
     def handle_events(self) -> None:
         handle(self)
         if self.conn.their_state is not h11.IDLE:  # a whole request head arrived
-            disarm(self)
+            _disarm(self)
 
     def on_response_complete(self) -> None:
-        arm(self)  # before: completing may go straight on to a pipelined request, which disarms it
+        _arm(self)  # before: completing may go straight on to a pipelined request, which disarms it
         completed(self)
 
     H11Protocol.connection_made = connection_made
     H11Protocol.handle_events = handle_events
     H11Protocol.on_response_complete = on_response_complete
+
+
+def _limit_httptools(head_timeout: float) -> None:
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    already = getattr(HttpToolsProtocol, "falcon_head_timeout", None) is not None
+    HttpToolsProtocol.falcon_head_timeout = head_timeout
+    if already:
+        return
+    made, headers_done, completed = (HttpToolsProtocol.connection_made, HttpToolsProtocol.on_headers_complete,
+                                     HttpToolsProtocol.on_response_complete)
+
+    def connection_made(self, transport) -> None:
+        made(self, transport)
+        _arm(self)
+
+    def on_headers_complete(self) -> None:
+        _disarm(self)  # a whole request head arrived (pipelined ones too: their heads are in)
+        headers_done(self)
+
+    def on_response_complete(self) -> None:
+        pipelined = bool(self.pipeline)  # the next request's head is already in: it starts now
+        completed(self)
+        if not pipelined and not self.transport.is_closing():
+            _arm(self)
+
+    HttpToolsProtocol.connection_made = connection_made
+    HttpToolsProtocol.on_headers_complete = on_headers_complete
+    HttpToolsProtocol.on_response_complete = on_response_complete

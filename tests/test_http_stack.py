@@ -1,0 +1,120 @@
+"""The HTTP stack under `bentoml serve`.
+
+BentoML builds its uvicorn config with neither `loop` nor `http` set ("auto"), so uvicorn takes
+uvloop and httptools when they are installed. requirements.txt pins both: a libuv event loop and a
+C HTTP parser cost less CPU per streamed token than asyncio's own loop and h11 (benchmarks/RESULTS.md),
+and on a CPU that time is taken from the engine. The request-head deadline (`http_server`) must hold
+with either parser: each runs here on a real uvicorn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+
+import pytest
+import uvicorn
+import uvloop
+from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from falcon_service.http_server import limit_request_heads
+
+HEAD_TIMEOUT = 0.6
+
+
+async def _app(scope, receive, send) -> None:
+    if scope["type"] != "http":
+        return
+    if scope["path"] == "/slow":  # a response that takes longer than the head deadline
+        await asyncio.sleep(1.5 * HEAD_TIMEOUT)
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+def test_uvicorn_as_bentoml_configures_it_parses_http_with_httptools_on_a_uvloop_loop() -> None:
+    config = uvicorn.Config(app=_app, log_config=None, workers=1, server_header=False)  # BentoML's options
+    config.load()
+    assert config.http_protocol_class.__module__ == "uvicorn.protocols.http.httptools_impl"
+    loop = config.get_loop_factory()()
+    try:
+        assert isinstance(loop, uvloop.Loop)
+    finally:
+        loop.close()
+
+
+@pytest.fixture(params=["httptools", "h11"])
+def server(request):
+    saved = {cls: getattr(cls, "falcon_head_timeout", None) for cls in (H11Protocol, HttpToolsProtocol)}
+    limit_request_heads(HEAD_TIMEOUT)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = uvicorn.Config(app=_app, host="127.0.0.1", port=port, http=request.param, log_config=None,
+                            timeout_keep_alive=30)
+    srv = uvicorn.Server(config)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not srv.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert srv.started
+    yield port
+    srv.should_exit = True
+    thread.join(10)
+    for cls, value in saved.items():
+        if value is not None:
+            cls.falcon_head_timeout = value
+
+
+def _connect(port: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def _closed_within(sock: socket.socket, seconds: float) -> bool:
+    sock.settimeout(seconds)
+    try:
+        return sock.recv(1024) == b""
+    except TimeoutError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+REQUEST = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+SLOW = b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+def test_a_head_sent_a_line_at_a_time_is_cut_off(server) -> None:
+    with _connect(server) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        started = time.monotonic()
+        for _ in range(8):  # a line every quarter deadline: each would restart a keep-alive timer
+            time.sleep(HEAD_TIMEOUT / 4)
+            try:
+                sock.sendall(b"X-Slow: 1\r\n")
+            except OSError:
+                break
+        assert _closed_within(sock, 2 * HEAD_TIMEOUT)
+        assert time.monotonic() - started < 4 * HEAD_TIMEOUT
+
+
+def test_a_kept_alive_connection_serves_requests_and_is_closed_only_when_idle_past_the_deadline(server) -> None:
+    with _connect(server) as sock:
+        for _ in range(3):  # each response re-arms the deadline; each whole head disarms it
+            time.sleep(HEAD_TIMEOUT / 2)
+            sock.sendall(REQUEST)
+            assert sock.recv(1024).startswith(b"HTTP/1.1 200")
+        # pipelined: the second head is in before the first response ends, and the deadline stays off
+        # while the second one takes longer than it
+        sock.sendall(SLOW + SLOW + REQUEST)
+        replies = b""
+        while replies.count(b"HTTP/1.1 200") < 3:
+            chunk = sock.recv(1024)
+            assert chunk, f"closed after {replies.count(b'HTTP/1.1 200')} of 3 pipelined responses"
+            replies += chunk
+        assert _closed_within(sock, 3 * HEAD_TIMEOUT)
