@@ -136,14 +136,15 @@ def _busy() -> tuple[float, float]:
 
 
 class CpuSampler:
-    """Samples every process's CPU time (and the server's RSS) twice a second in a thread.
+    """Samples every process's CPU time (and the server's RSS) once a second in a thread (each sample reads
+    every process: about 1% of a core at this rate, taken from the server under test).
 
     `meter(start, end)` then says, for a window that aiperf reports, what share of all cores went to
     the server's tree, to the load tool's tree (aiperf's processes and this one), and to everything
     else (machine busy time from /proc/stat minus those two), and names the busiest other processes.
     """
 
-    def __init__(self, server_pid: int | None, interval_s: float = 0.5):
+    def __init__(self, server_pid: int | None, interval_s: float = 1.0):
         self.server_pid = server_pid
         self.interval_s = interval_s
         self.tool_pid: int | None = None
