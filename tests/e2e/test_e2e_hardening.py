@@ -13,7 +13,6 @@ import bentoml
 import httpx
 import pytest
 from bentoml.exceptions import BentoMLException
-from conftest import API_KEY
 
 pytestmark = pytest.mark.e2e
 
@@ -46,7 +45,7 @@ def test_random_paths_do_not_grow_metrics(server):
 
 
 def test_a_body_over_the_limit_is_a_413_before_it_is_read(edge_server):
-    headers = {"Authorization": f"Bearer {API_KEY}"}
+    headers = {"Authorization": f"Bearer {edge_server.api_key}"}
     big = {"model": edge_server.model, "messages": [{"role": "user", "content": "x" * 100_000}]}
     error = assert_openai_error(httpx.post(f"{edge_server.url}/v1/chat/completions", json=big, headers=headers,
                                            timeout=30), 413)
@@ -70,7 +69,7 @@ def test_the_key_comes_first_and_guards_docs_and_metrics_when_asked(edge_server)
         assert_openai_error(httpx.get(f"{url}{path}", timeout=30), 401)
     for probe in ("/livez", "/readyz", "/health"):  # orchestrators need no key
         assert httpx.get(f"{url}{probe}", timeout=30).status_code == 200
-    keyed = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30)
+    keyed = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {edge_server.api_key}"}, timeout=30)
     assert keyed.status_code == 200 and "falcon_requests_running" in keyed.text
 
 
@@ -115,8 +114,9 @@ def test_a_slowloris_head_is_cut_off(edge_server):
 
 def test_a_stalled_body_is_a_408(edge_server):
     sock = raw_connection(edge_server.url)
+    key = edge_server.api_key.encode()
     sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"Authorization: Bearer " + API_KEY.encode() + b"\r\nContent-Length: 500\r\n\r\n{\"model\":")
+                 b"Authorization: Bearer " + key + b"\r\nContent-Length: 500\r\n\r\n{\"model\":")
     sock.settimeout(15)
     reply = sock.recv(65536)
     assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
