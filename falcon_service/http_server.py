@@ -68,7 +68,7 @@ def _disarm(protocol) -> None:
 
 def _expire(protocol) -> None:
     protocol._falcon_head_timer = None
-    if not protocol.transport.is_closing():  # still no whole head: drop the connection
+    if protocol.falcon_waiting_for_head() and not protocol.transport.is_closing():  # still no whole head: drop it
         protocol.transport.close()
 
 
@@ -81,6 +81,9 @@ def _limit_h11(head_timeout: float) -> None:
     if already:
         return
     made, handle, completed = H11Protocol.connection_made, H11Protocol.handle_events, H11Protocol.on_response_complete
+
+    def waiting_for_head(self) -> bool:
+        return self.conn.their_state is h11.IDLE
 
     def connection_made(self, transport) -> None:
         made(self, transport)
@@ -95,6 +98,7 @@ def _limit_h11(head_timeout: float) -> None:
         _arm(self)  # before: completing may go straight on to a pipelined request, which disarms it
         completed(self)
 
+    H11Protocol.falcon_waiting_for_head = waiting_for_head
     H11Protocol.connection_made = connection_made
     H11Protocol.handle_events = handle_events
     H11Protocol.on_response_complete = on_response_complete
@@ -110,6 +114,9 @@ def _limit_httptools(head_timeout: float) -> None:
     made, headers_done, completed = (HttpToolsProtocol.connection_made, HttpToolsProtocol.on_headers_complete,
                                      HttpToolsProtocol.on_response_complete)
 
+    def waiting_for_head(self) -> bool:  # no request in progress
+        return self.cycle is None or self.cycle.response_complete
+
     def connection_made(self, transport) -> None:
         made(self, transport)
         _arm(self)
@@ -124,6 +131,7 @@ def _limit_httptools(head_timeout: float) -> None:
         if not pipelined and not self.transport.is_closing():
             _arm(self)
 
+    HttpToolsProtocol.falcon_waiting_for_head = waiting_for_head
     HttpToolsProtocol.connection_made = connection_made
     HttpToolsProtocol.on_headers_complete = on_headers_complete
     HttpToolsProtocol.on_response_complete = on_response_complete
