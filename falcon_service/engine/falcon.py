@@ -420,9 +420,10 @@ class _PrefillPlan:
         self.last_index = io.upload([i * width_q + s - 1 for i, s in enumerate(sizes)], torch.long)
         self.row_index = io.upload(list(rows), torch.long)
         self.width_k = max(ends)
-        # the last tokens' attention (last layer) over rows of different lengths: each row's own positions only
-        ends_t = io.upload(ends, torch.long)
+        # the ends, on the device, for the masks below (a fresh prefill of equal chunks needs neither)
+        ends_t = io.upload(ends, torch.long) if min(ends) != self.width_k or not self.fresh else None
         key_pos = runner._positions[: self.width_k]
+        # the last tokens' attention (last layer) over rows of different lengths: each row's own positions only
         self.last_mask: torch.Tensor | None = None
         if min(ends) != self.width_k:
             mask = torch.zeros(n, 1, 1, self.width_k, dtype=runner.dtype, device=runner.device)
