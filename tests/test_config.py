@@ -34,3 +34,8 @@ def test_device_and_dtype_defaults() -> None:
 def test_invalid_settings_are_rejected(var: str, value: str) -> None:
     with pytest.raises(ValidationError):
         Settings.from_env({var: value})
+
+
+def test_prefix_caching_is_on_by_default_and_off_with_its_variable() -> None:
+    assert Settings.from_env({}).engine_options().prefix_caching is True
+    assert Settings.from_env({"FALCON_PREFIX_CACHING": "false"}).engine_options().prefix_caching is False
