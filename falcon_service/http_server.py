@@ -7,10 +7,15 @@
 - A deadline for request heads: uvicorn (httptools or h11) waits for a request's headers without
   limit (its keep-alive timeout restarts with every byte), so a client sending headers a byte at a
   time holds a connection for ever. Each connection must complete a request head within `head_timeout`.
+- One trace span per request, not per message: BentoML wraps the app in OpenTelemetry's ASGI
+  middleware, which also opens a span for every message a response sends, so a streamed completion
+  made a span per token (a quarter of the event loop's work at 16 streams), whether or not tracing
+  exports anything. The middleware can leave those out (`exclude_spans`); BentoML does not ask it to.
 
-Both adapt pinned versions (bentoml 1.4.40, uvicorn 0.55, httptools 0.9); the e2e tests exercise both
-(the head deadline with httptools, as the server runs), and `tests/test_http_stack.py` runs the head
-deadline on a real uvicorn with each of its parsers.
+They adapt pinned versions (bentoml 1.4.40, uvicorn 0.55, httptools 0.9, opentelemetry-instrumentation-asgi
+0.66b1); the e2e tests exercise them (the head deadline with httptools, as the server runs), and
+`tests/test_http_stack.py` runs the head deadline on a real uvicorn with each of its parsers and the
+middleware on a streamed response.
 """
 
 from __future__ import annotations
@@ -43,6 +48,25 @@ def install_gateway(rules: GatewayRules, drain: Drain) -> None:
             await self._gateway(scope, receive, send)
 
     instruments.RunnerTrafficMetricsMiddleware = GatedTrafficMetrics
+
+
+def request_spans_only() -> None:
+    """Make the OpenTelemetry ASGI middleware that BentoML installs trace each request in one span, without
+    a child span for each message received or sent (each SSE chunk of a stream)."""
+    from opentelemetry.instrumentation import asgi
+
+    middleware = asgi.OpenTelemetryMiddleware
+    if getattr(middleware, "falcon_request_spans_only", False):
+        return
+
+    class RequestSpansOnly(middleware):  # type: ignore[misc, valid-type]
+        falcon_request_spans_only = True
+
+        def __init__(self, app, *args, **options) -> None:
+            options.setdefault("exclude_spans", ["receive", "send"])
+            super().__init__(app, *args, **options)
+
+    asgi.OpenTelemetryMiddleware = RequestSpansOnly  # BentoML imports it from there when it builds the app
 
 
 def limit_request_heads(head_timeout: float) -> None:

@@ -33,7 +33,7 @@ from .api.protocol import ChatRequest, GenerateRequest
 from .api.routes import create_app, served_paths, until_disconnect
 from .api.serving import OpenAIServing
 from .config import Settings
-from .http_server import install_gateway, limit_request_heads
+from .http_server import install_gateway, limit_request_heads, request_spans_only
 
 log = logging.getLogger("falcon_service")
 
@@ -199,3 +199,4 @@ def _gateway_rules() -> GatewayRules:
 
 install_gateway(_gateway_rules(), drain)
 limit_request_heads(SETTINGS.head_timeout)
+request_spans_only()

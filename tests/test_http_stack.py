@@ -4,7 +4,8 @@ BentoML builds its uvicorn config with neither `loop` nor `http` set ("auto"), s
 uvloop and httptools when they are installed. requirements.txt pins both: a libuv event loop and a
 C HTTP parser cost less CPU per streamed token than asyncio's own loop and h11 (benchmarks/RESULTS.md),
 and on a CPU that time is taken from the engine. The request-head deadline (`http_server`) must hold
-with either parser: each runs here on a real uvicorn.
+with either parser: each runs here on a real uvicorn. And a streamed response is traced in one span,
+not in one per SSE chunk (OpenTelemetry's ASGI middleware, as BentoML installs it).
 """
 
 from __future__ import annotations
@@ -118,3 +119,49 @@ def test_a_kept_alive_connection_serves_requests_and_is_closed_only_when_idle_pa
             assert chunk, f"closed after {replies.count(b'HTTP/1.1 200')} of 3 pipelined responses"
             replies += chunk
         assert _closed_within(sock, 3 * HEAD_TIMEOUT)
+
+
+async def _stream(scope, receive, send) -> None:
+    await receive()
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+    for i in range(5):
+        await send({"type": "http.response.body", "body": b"data: %d\n\n" % i, "more_body": True})
+    await send({"type": "http.response.body", "body": b""})
+
+
+def test_a_streamed_response_is_traced_in_one_span_not_one_per_message() -> None:
+    import inspect
+
+    from _bentoml_impl.server.app import ServiceAppFactory
+    from opentelemetry.instrumentation import asgi
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.util.http import ExcludeList
+
+    from falcon_service.http_server import request_spans_only
+
+    # BentoML takes the middleware from its module when it builds a service's app
+    assert "from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware" in inspect.getsource(
+        ServiceAppFactory.middlewares.fget)
+    request_spans_only()
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    app = asgi.OpenTelemetryMiddleware(_stream, excluded_urls=ExcludeList([]), default_span_details=None,
+                                       server_request_hook=None, client_request_hook=None, tracer_provider=provider)
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "GET", "path": "/v1/stream", "raw_path": b"/v1/stream", "query_string": b"",
+             "headers": [], "scheme": "http", "server": ("127.0.0.1", 3000), "client": ("127.0.0.1", 5000),
+             "http_version": "1.1", "root_path": ""}
+    asyncio.run(app(scope, receive, send))
+    assert [m["type"] for m in sent] == ["http.response.start"] + ["http.response.body"] * 6
+    spans = exporter.get_finished_spans()
+    assert [s.name for s in spans] == ["GET /v1/stream"], [s.name for s in spans]
