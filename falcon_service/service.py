@@ -66,7 +66,10 @@ drain = Drain()
 def _bento_error(exc: BaseException) -> BentoMLException:
     """The OpenAI routes' error (status and message), for `bentoml.SyncHTTPClient` callers."""
     err = to_api_error(exc)
-    status = HTTPStatus(err.status) if err.status in HTTPStatus._value2member_map_ else HTTPStatus.BAD_REQUEST
+    try:
+        status = HTTPStatus(err.status)
+    except ValueError:  # not a standard status: a client error all the same
+        status = HTTPStatus.BAD_REQUEST
     return BentoMLException(err.message, error_code=status)
 
 
