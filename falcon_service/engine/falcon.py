@@ -420,8 +420,16 @@ class _PrefillPlan:
         self.last_index = io.upload([i * width_q + s - 1 for i, s in enumerate(sizes)], torch.long)
         self.row_index = io.upload(list(rows), torch.long)
         self.width_k = max(ends)
-        # the ends, on the device, for the masks below (a fresh prefill of equal chunks needs neither)
-        ends_t = io.upload(ends, torch.long) if min(ends) != self.width_k or not self.fresh else None
+        # On a CPU, chunks that all continue after cached tokens attend in two parts merged by their
+        # log-sum-exps: the cached tokens, which every query of a row sees (no mask unless the rows cache
+        # different lengths: SDPA's flash kernel then runs unmasked, with the heads as the query rows of the
+        # one KV head), and the chunk itself, causally. For one request's 75 tokens after 1,024 cached ones:
+        # 1.28 against 1.60 ms a layer alone, 2-3% of a step that also decodes 15 rows.
+        self.cached = max(offsets) if runner.device.type == "cpu" and min(offsets) > 0 else 0
+        # the ends, on the device, only for the masks that need them: the last tokens' mask over rows of
+        # different lengths, and `allowed` (chunks that attend over the cache in one pass)
+        masked = not self.fresh and not self.cached
+        ends_t = io.upload(ends, torch.long) if min(ends) != self.width_k or masked else None
         key_pos = runner._positions[: self.width_k]
         # the last tokens' attention (last layer) over rows of different lengths: each row's own positions only
         self.last_mask: torch.Tensor | None = None
@@ -430,18 +438,12 @@ class _PrefillPlan:
             self.last_mask = mask.masked_fill_(key_pos >= ends_t[:, None, None, None], float("-inf"))
         self.cos, self.signed_sin = runner.cos[pos].unsqueeze(1), runner.signed_sin[pos].unsqueeze(1)  # (n, 1, Sq, D)
         self.allowed: torch.Tensor | None = None
-        # On a CPU, chunks that all continue after cached tokens attend in two parts merged by their
-        # log-sum-exps: the cached tokens, which every query of a row sees (no mask unless the rows cache
-        # different lengths: SDPA's flash kernel then runs unmasked, with the heads as the query rows of the
-        # one KV head), and the chunk itself, causally. For one request's 75 tokens after 1,024 cached ones:
-        # 1.28 against 1.60 ms a layer alone, 2-3% of a step that also decodes 15 rows.
-        self.cached = max(offsets) if runner.device.type == "cpu" and min(offsets) > 0 else 0
         if self.cached:
             self.cached_bias = None
             if min(offsets) != self.cached:
                 pad = [[0.0] * o + [float("-inf")] * (self.cached - o) for o in offsets]
                 self.cached_bias = torch.tensor(pad, dtype=runner.dtype).view(n, 1, self.cached)
-        elif not self.fresh:
+        elif masked:
             allowed = (key_pos[None, None, :] <= pos[:, :, None]) & (key_pos[None, None, :] < ends_t[:, None, None])
             self.allowed = allowed.unsqueeze(1)  # (n, 1, Sq, Sk)
 
