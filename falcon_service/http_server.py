@@ -69,17 +69,26 @@ def request_spans_only() -> None:
     asgi.OpenTelemetryMiddleware = RequestSpansOnly  # BentoML imports it from there when it builds the app
 
 
-def limit_request_heads(head_timeout: float) -> None:
+def limit_request_heads(head_timeout: float | None) -> None:
     """Close a connection that has not sent a whole request head within `head_timeout` seconds of
     opening, or of its previous response: in both of uvicorn's HTTP implementations (it takes
-    httptools when installed, as requirements.txt pins it; h11 otherwise)."""
+    httptools when installed, as requirements.txt pins it; h11 otherwise). None: no deadline from now on."""
     _limit_h11(head_timeout)
     with contextlib.suppress(ImportError):
         _limit_httptools(head_timeout)
 
 
+def _set_deadline(protocol_class, head_timeout: float | None) -> bool:
+    """Set a protocol class's deadline; whether its hooks are still to be installed (they are once)."""
+    installed = "falcon_waiting_for_head" in protocol_class.__dict__
+    protocol_class.falcon_head_timeout = head_timeout
+    return not installed
+
+
 def _arm(protocol) -> None:
     _disarm(protocol)
+    if protocol.falcon_head_timeout is None:
+        return
     protocol._falcon_head_timer = protocol.loop.call_later(protocol.falcon_head_timeout, _expire, protocol)
 
 
@@ -96,13 +105,11 @@ def _expire(protocol) -> None:
         protocol.transport.close()
 
 
-def _limit_h11(head_timeout: float) -> None:
+def _limit_h11(head_timeout: float | None) -> None:
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
-    already = getattr(H11Protocol, "falcon_head_timeout", None) is not None
-    H11Protocol.falcon_head_timeout = head_timeout
-    if already:
+    if not _set_deadline(H11Protocol, head_timeout):
         return
     made, handle, completed = H11Protocol.connection_made, H11Protocol.handle_events, H11Protocol.on_response_complete
 
@@ -128,12 +135,10 @@ def _limit_h11(head_timeout: float) -> None:
     H11Protocol.on_response_complete = on_response_complete
 
 
-def _limit_httptools(head_timeout: float) -> None:
+def _limit_httptools(head_timeout: float | None) -> None:
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-    already = getattr(HttpToolsProtocol, "falcon_head_timeout", None) is not None
-    HttpToolsProtocol.falcon_head_timeout = head_timeout
-    if already:
+    if not _set_deadline(HttpToolsProtocol, head_timeout):
         return
     made, headers_done, completed = (HttpToolsProtocol.connection_made, HttpToolsProtocol.on_headers_complete,
                                      HttpToolsProtocol.on_response_complete)

@@ -11,6 +11,7 @@ not in one per SSE chunk (OpenTelemetry's ASGI middleware, as BentoML installs i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import threading
 import time
@@ -46,28 +47,37 @@ def test_uvicorn_as_bentoml_configures_it_parses_http_with_httptools_on_a_uvloop
         loop.close()
 
 
-@pytest.fixture(params=["httptools", "h11"])
-def server(request):
+@contextlib.contextmanager
+def _serving(http: str, head_timeout: float | None):
+    """A uvicorn server of `_app` on a free port with that request-head deadline; the deadline before it is
+    put back afterwards (None when there was none), so that no later test inherits this one."""
     saved = {cls: getattr(cls, "falcon_head_timeout", None) for cls in (H11Protocol, HttpToolsProtocol)}
-    limit_request_heads(HEAD_TIMEOUT)
+    limit_request_heads(head_timeout)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    config = uvicorn.Config(app=_app, host="127.0.0.1", port=port, http=request.param, log_config=None,
+    config = uvicorn.Config(app=_app, host="127.0.0.1", port=port, http=http, log_config=None,
                             timeout_keep_alive=30)
     srv = uvicorn.Server(config)
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 10
-    while not srv.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert srv.started
-    yield port
-    srv.should_exit = True
-    thread.join(10)
-    for cls, value in saved.items():
-        if value is not None:
+    try:
+        deadline = time.monotonic() + 10
+        while not srv.started and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert srv.started
+        yield port
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+        for cls, value in saved.items():
             cls.falcon_head_timeout = value
+
+
+@pytest.fixture(params=["httptools", "h11"])
+def server(request):
+    with _serving(request.param, HEAD_TIMEOUT) as port:
+        yield port
 
 
 def _connect(port: int) -> socket.socket:
@@ -119,6 +129,19 @@ def test_a_kept_alive_connection_serves_requests_and_is_closed_only_when_idle_pa
             assert chunk, f"closed after {replies.count(b'HTTP/1.1 200')} of 3 pipelined responses"
             replies += chunk
         assert _closed_within(sock, 3 * HEAD_TIMEOUT)
+
+
+@pytest.mark.parametrize("http", ["httptools", "h11"])
+def test_a_deadline_turned_off_leaves_an_idle_connection_open(http) -> None:
+    """Turning the deadline off (as this file's fixture does after each test, when none was set before)
+    stops it: it is not left at the last value for every server the process starts later."""
+    with _serving(http, HEAD_TIMEOUT):
+        pass  # hooks installed, deadline set
+    with _serving(http, None) as port, _connect(port) as sock:
+        assert not _closed_within(sock, 2 * HEAD_TIMEOUT)
+        sock.sendall(REQUEST)
+        assert sock.recv(1024).startswith(b"HTTP/1.1 200")
+        assert not _closed_within(sock, 2 * HEAD_TIMEOUT)
 
 
 async def _stream(scope, receive, send) -> None:
