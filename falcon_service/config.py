@@ -46,7 +46,8 @@ class Settings(BaseModel):
     )
     max_prefill_tokens: int | None = Field(
         None, ge=1, description="prompt tokens prefilled per engine step; longer prompts go in chunks; default: "
-        "128 on CPU (where a step's time grows with its tokens), 512 on a GPU"
+        "128 on CPU (where a step's time grows with its tokens; a long prompt's chunks 512 while nothing decodes), "
+        "512 on a GPU"
     )
     max_queue_size: int = Field(256, ge=0, description="requests waiting for a batch slot before 429")
     api_key: str | None = Field(

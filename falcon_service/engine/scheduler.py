@@ -6,7 +6,8 @@ Policy, one pass over the weights per step where possible:
   running batch's decode step.
 - A prompt longer than that is staged: prefilled a chunk of `max_prefill_tokens` per step in its
   own pass, each followed by a decode step of the running batch, and joins the batch when whole.
-  Nothing else is admitted while a prompt is staged.
+  Nothing else is admitted while a prompt is staged. While no row decodes, no stream waits on the
+  chunks: they may be longer (`idle_prefill_tokens`), which costs fewer passes.
 - Every sequence reserves a whole context row of the KV cache, so admission counts rows.
 - Prompt tokens the prefix cache holds cost nothing: the prefill budget counts the others.
 """
@@ -34,6 +35,13 @@ class BatchLimits:
     max_batch_tokens: int  # KV-cache token budget; each sequence reserves a whole context of it
     max_prefill_tokens: int  # prompt tokens prefilled in one step (one longer prompt goes in chunks)
     max_queue_size: int  # requests waiting to be admitted
+    idle_prefill_tokens: int | None = None  # a staged prompt's chunk while no row decodes; default the above
+
+    def chunk_tokens(self, load: BatchLoad) -> int:
+        """Tokens of a staged prompt to prefill in a step, given what the batch holds."""
+        if load.rows == 0 and self.idle_prefill_tokens is not None:
+            return max(self.idle_prefill_tokens, self.max_prefill_tokens)
+        return self.max_prefill_tokens
 
 
 @dataclass(frozen=True)
@@ -166,7 +174,7 @@ class Scheduler(Generic[T]):
                 return StepPlan(admitted=self.admit(load, to_prefill), decode=load.rows > 0)
         item, demand = self._staged
         start = self._staged_done
-        end = min(demand.prompt_len, start + self.limits.max_prefill_tokens)
+        end = min(demand.prompt_len, start + self.limits.chunk_tokens(load))
         self._staged_done = end
         last = end == demand.prompt_len
         if last:

@@ -86,3 +86,30 @@ def test_remove_takes_out_matching_waiting_requests_in_order():
     assert s.remove(lambda item: False) == []
     assert s.admit(EMPTY) == ["r0", "r2", "r4"]
     assert s.num_waiting == 0
+
+
+def chunks(s: Scheduler[str], rows: list[int]) -> list[tuple[int, int]]:
+    """The staged prompt's chunks, one step per entry of `rows` (what the batch holds at that step)."""
+    out = []
+    for n in rows:
+        plan = s.plan(BatchLoad(rows=n))
+        assert plan.chunk is not None and not plan.admitted and plan.decode == (n > 0)
+        out.append((plan.chunk.start, plan.chunk.end))
+    return out
+
+
+def test_a_long_prompt_goes_in_longer_chunks_while_no_row_decodes():
+    idle = BatchLimits(max_batch_size=8, max_batch_tokens=8 * 2048, max_prefill_tokens=100, max_queue_size=8,
+                       idle_prefill_tokens=400)
+    # alone: chunks of 400; with rows decoding: chunks of 100, so that their streams do not wait long
+    assert chunks(scheduler_with(idle, Demand(1, 1000)), [0, 0, 0]) == [(0, 400), (400, 800), (800, 1000)]
+    assert chunks(scheduler_with(idle, Demand(1, 350)), [3, 3, 3, 3]) == [(0, 100), (100, 200), (200, 300), (300, 350)]
+    # the batch empties while the prompt is staged (its rows finish): the chunks grow; rows arrive: they shrink
+    staged = scheduler_with(idle, Demand(1, 1000))
+    assert chunks(staged, [2, 0, 1, 0]) == [(0, 100), (100, 500), (500, 600), (600, 1000)]
+    # without an idle size the budget holds whatever the batch holds; a smaller idle size never shrinks it
+    for lim in (limits(prefill=100), BatchLimits(8, 8 * 2048, 100, 8, idle_prefill_tokens=50)):
+        assert chunks(scheduler_with(lim, Demand(1, 250)), [0, 0, 0]) == [(0, 100), (100, 200), (200, 250)]
+    # what the prefix cache holds is skipped: the first chunk starts after it
+    s = scheduler_with(idle, Demand(1, 1500))
+    assert s.plan(EMPTY, lambda item: 700).chunk.start == 800
