@@ -429,11 +429,12 @@ class _PrefillPlan:
         # the ends, on the device, only for the masks that need them: the last tokens' mask over rows of
         # different lengths, and `allowed` (chunks that attend over the cache in one pass)
         masked = not self.fresh and not self.cached
-        ends_t = io.upload(ends, torch.long) if min(ends) != self.width_k or masked else None
+        ragged = min(ends) != self.width_k  # rows of different lengths
+        ends_t = io.upload(ends, torch.long) if ragged or masked else None
         key_pos = runner._positions[: self.width_k]
         # the last tokens' attention (last layer) over rows of different lengths: each row's own positions only
         self.last_mask: torch.Tensor | None = None
-        if min(ends) != self.width_k:
+        if ragged:
             mask = torch.zeros(n, 1, 1, self.width_k, dtype=runner.dtype, device=runner.device)
             self.last_mask = mask.masked_fill_(key_pos >= ends_t[:, None, None, None], float("-inf"))
         self.cos, self.signed_sin = runner.cos[pos].unsqueeze(1), runner.signed_sin[pos].unsqueeze(1)  # (n, 1, Sq, D)
