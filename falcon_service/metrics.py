@@ -51,6 +51,9 @@ class ServiceMetrics:
                                       [*labels, "finish_reason"], **kw)
         self._rejected = prom.Counter(f"{PREFIX}requests_rejected", "Requests rejected because the queue was full",
                                       labels, **kw).labels(model_name)
+        self._grammar_rejections = prom.Counter(
+            f"{PREFIX}grammar_rejections", "Constrained replies failed because a sampled token broke their grammar "
+            "(an engine fault; each is logged)", labels, **kw).labels(model_name)
         self._model_name = model_name
 
     def on_step(self, waiting: int, running: int, cache_tokens: int, prefix_tokens: int) -> None:
@@ -76,3 +79,6 @@ class ServiceMetrics:
 
     def on_rejected(self) -> None:
         self._rejected.inc()
+
+    def on_grammar_rejection(self) -> None:
+        self._grammar_rejections.inc()

@@ -101,3 +101,13 @@ async def test_prefix_cache_hit_rate_and_kept_tokens(tiny_checkpoint, tiny_token
         assert await eventually(lambda: value(reg, "falcon_prefix_cache_tokens") == (51 + 1) + (52 + 1))
     finally:
         engine.shutdown()
+
+
+def test_grammar_rejections_are_counted() -> None:
+    """The engine reports a reply that broke its grammar (tests/engine/test_grammar.py injects one); it is
+    counted where an alert can see it."""
+    reg = CollectorRegistry()
+    metrics = ServiceMetrics(MODEL, reg)
+    assert reg.get_sample_value("falcon_grammar_rejections_total", {"model_name": MODEL}) == 0
+    metrics.on_grammar_rejection()
+    assert value(reg, "falcon_grammar_rejections_total") == 1

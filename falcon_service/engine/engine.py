@@ -93,7 +93,8 @@ class Engine:
             self.graphs = DecodeGraphs(self._runner, graph_capture)  # buckets are captured when first needed
         self._batch = self._new_batch()
         self._sequences: list[SequenceState] = []  # row i of the batch is sequence i
-        self._pending: list[_Launched] = []  # launched, not yet read back (overlap)
+        self._pending: list[_Launched] = []  # launched at earlier steps, not yet read back (overlap)
+        self._launched: list[_Launched] = []  # launched at this step, not yet read back
         self._matches: dict[RequestStream, PrefixMatch | None] = {}  # this step's prefix lookups
         self._aborted: set[RequestStream] = set()
         self._wake = threading.Condition()
@@ -172,7 +173,8 @@ class Engine:
                 self._drop_done()
                 self._matches = {}
                 plan = self.scheduler.plan(BatchLoad(rows=len(self._sequences)), self._to_prefill)
-                launched = self._launch(plan)
+                self._launch(plan)
+                launched, self._launched = self._launched, []
                 pending, self._pending = self._pending, []
                 if pending:
                     self._finish(pending)
@@ -221,11 +223,10 @@ class Engine:
         match = self._matches[stream]
         return len(stream.request.prompt_ids) - (match.length if match is not None else 0)
 
-    def _launch(self, plan: StepPlan[RequestStream]) -> list[_Launched]:
-        """Run the plan's forward passes and sampling; returns what was sampled, not yet read back."""
-        launched: list[_Launched] = []
+    def _launch(self, plan: StepPlan[RequestStream]) -> None:
+        """Run the plan's forward passes and sampling; what was sampled is in `_launched`, not yet read back."""
         if plan.chunk is not None:
-            launched += self._prefill_chunk(plan.chunk)
+            self._prefill_chunk(plan.chunk)
             self._drop_done()
         decoding = list(self._sequences)
         if plan.admitted:
@@ -238,23 +239,22 @@ class Engine:
             else:
                 logits = self._batch.add(prompts, repeats, matches)
             new = self._join(plan.admitted)
-            launched.append(self._sample(decoding + new, logits, first_row=0))
+            self._sample(decoding + new, logits, first_row=0)
         elif decoding:
-            launched.append(self._sample(decoding, self._batch.step(), first_row=0))
-        return launched
+            self._sample(decoding, self._batch.step(), first_row=0)
 
-    def _prefill_chunk(self, chunk: PrefillChunk[RequestStream]) -> list[_Launched]:
+    def _prefill_chunk(self, chunk: PrefillChunk[RequestStream]) -> None:
         """Prefill the next chunk of the staged prompt; once it is whole, its choices join the batch."""
         stream = chunk.item
         prompt = stream.request.prompt_ids
         match = self._match(stream) if chunk.first else None
         logits = self._batch.stage(prompt[chunk.start : chunk.end], chunk.start, match)
         if not chunk.last:
-            return []
+            return
         n = stream.request.n
         self._batch.adopt_staged(prompt, n)
         new = self._join([stream])
-        return [self._sample(new, logits.expand(n, -1), first_row=len(self._sequences) - n)]
+        self._sample(new, logits.expand(n, -1), first_row=len(self._sequences) - n)
 
     def _match(self, stream: RequestStream) -> PrefixMatch | None:
         """This step's prefix match of an admitted request; its cached tokens are counted for usage."""
@@ -269,37 +269,56 @@ class Engine:
         self._sequences += new
         return new
 
-    def _sample(self, sequences: list[SequenceState], logits: torch.Tensor, first_row: int) -> _Launched:
+    def _sample(self, sequences: list[SequenceState], logits: torch.Tensor, first_row: int) -> None:
         """Sample for rows first_row.. (these sequences); the tokens feed their next decode step."""
-        if self._pending and any(s.sampling.matcher is not None for s in sequences):
-            # a grammar's mask depends on the previous token: read it back first (the forward pass is
-            # already on its way, so only the sampling waits)
-            pending, self._pending = self._pending, []
-            self._finish(pending)
+        if any(s.sampling.matcher is not None and s.scheduled > len(s.output_ids) for s in sequences):
+            # a grammar's mask depends on the token sampled last, which is still on its way (an earlier step's,
+            # with overlap, or this step's: a prompt's last chunk samples, then the batch it joins decodes):
+            # read it back first (the forward pass is already on its way, so only the sampling waits)
+            unread, self._pending, self._launched = self._pending + self._launched, [], []
+            self._finish(unread)
         sampled = sample(logits, [s.sampling for s in sequences], self.io)
         self._batch.set_tokens(first_row, sampled.tokens)
         for seq in sequences:
             seq.scheduled += 1
-        return _Launched(sequences, sampled.download(self.io))
+        self._launched.append(_Launched(sequences, sampled.download(self.io)))
 
     def _finish(self, launched: list[_Launched]) -> None:
         """Read sampled tokens back; detokenize, match stops and send each stream its events."""
         events: dict[RequestStream, list[ChoiceEvent]] = {}
+        broken: set[RequestStream] = set()
         for part in launched:
             tokens, logprobs = part.sampled.result()
             for seq, token, lp in zip(part.sequences, tokens, logprobs, strict=True):
                 if seq.finish_reason is not None:  # it ended (stop, abort) while this step ran
                     continue
-                events.setdefault(seq.stream, []).append(seq.accept(token, lp, self.eos_token_id))
+                event = seq.accept(token, lp, self.eos_token_id)
+                events.setdefault(seq.stream, []).append(event)
+                if event.finish_reason is FinishReason.ERROR:
+                    log.error("request %s, choice %d: its grammar rejected the sampled token %d (an engine fault); "
+                              "the request fails", seq.stream.request.request_id, seq.index, token)
+                    broken.add(seq.stream)
+        for stream in broken:
+            self._fail_request(stream)
+            events.pop(stream)
         outbox: Outbox = {}
         for stream, batch_events in events.items():
             stream.deliver(batch_events, outbox)
         send(outbox)
 
+    def _fail_request(self, stream: RequestStream) -> None:
+        """End a request whose reply broke its grammar: its choices stop, the caller gets an `EngineError`."""
+        for seq in self._sequences:
+            if seq.stream is stream and seq.finish_reason is None:
+                seq.finish_reason = FinishReason.ERROR
+        if self.observer is not None:
+            self.observer.on_grammar_rejection()
+        stream.deliver(EngineError("a sampled token broke the reply's grammar"))
+
     def _fail_all(self, error: EngineError, plan: StepPlan[RequestStream] | None) -> None:
         """End every request the engine holds with `error` (waiting ones too when shutting down)."""
         streams = {s.stream for s in self._sequences}
-        streams |= {s.stream for part in self._pending for s in part.sequences}
+        streams |= {s.stream for part in self._pending + self._launched for s in part.sequences}
         if plan is not None:
             streams |= set(plan.admitted)
             if plan.chunk is not None:
@@ -312,5 +331,5 @@ class Engine:
         for stream in streams:
             if not stream.ended:
                 stream.deliver(error)
-        self._sequences, self._pending = [], []
+        self._sequences, self._pending, self._launched = [], [], []
         self._batch = self._new_batch()

@@ -64,3 +64,6 @@ class EngineObserver(Protocol):
     def on_request_done(self, record: RequestRecord) -> None: ...
 
     def on_rejected(self) -> None: ...
+
+    def on_grammar_rejection(self) -> None:
+        """A sampled token broke its reply's grammar (an engine fault: the request failed)."""

@@ -43,13 +43,18 @@ class SequenceState:
         return self.finish_reason is not None or self.scheduled >= self.budget
 
     def accept(self, token: int, logprob: TokenLogprob | None, eos: int | None) -> ChoiceEvent:
-        """Take the sampled token; return what the client sees, with the finish reason if it ends here."""
+        """Take the sampled token; return what the client sees, with the finish reason if it ends here
+        (`ERROR` for a token its grammar rejects: no text, the engine fails the request)."""
         self.output_ids.append(token)
         is_eos = token == eos and not self.params.ignore_eos
         matcher = self.sampling.matcher
         complete = False  # a grammar that is satisfied: the reply ends here, it needs no end token
         if matcher is not None and not is_eos:
-            complete = not matcher.accept(token) or matcher.done
+            if not matcher.accept(token):
+                # the sampler masks every token the grammar refuses: this is an engine fault, never an end
+                self.finish_reason = FinishReason.ERROR
+                return ChoiceEvent(self.index, "", [token], [], FinishReason.ERROR)
+            complete = matcher.done
         text, hit = self.stops.feed("" if is_eos else self.detokenizer.add(token))
         if hit:
             self.finish_reason = FinishReason.STOP

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import re
 import threading
 
@@ -12,11 +13,15 @@ import jsonschema
 import pytest
 import torch
 
-from falcon_service.engine.engine import Engine, FinishReason, GenerationRequest, SamplingParams
+from falcon_service.engine.engine import Engine, EngineError, FinishReason, GenerationRequest, SamplingParams
 from falcon_service.engine.grammar import GrammarCompiler, GrammarSpec, UnsupportedGrammar, allowed_tokens
+from falcon_service.engine.loader import IDLE_PREFILL_TOKENS, default_prefill_tokens
 from falcon_service.engine.scheduler import BatchLimits
 
-LIMITS = BatchLimits(max_batch_size=16, max_batch_tokens=16 * 2048, max_prefill_tokens=4096, max_queue_size=64)
+# the defaults users run on a CPU: 128 prompt tokens a step (512 while nothing decodes)
+PREFILL = default_prefill_tokens("cpu")
+LIMITS = BatchLimits(max_batch_size=16, max_batch_tokens=32 * 2048, max_prefill_tokens=PREFILL, max_queue_size=64,
+                     idle_prefill_tokens=IDLE_PREFILL_TOKENS)
 TIMEOUT = 60.0
 PERSON = {
     "type": "object",
@@ -48,6 +53,129 @@ async def generate(engine: Engine, prompt: list[int], params: SamplingParams, n:
         async for event in stream:
             out.setdefault(event.index, []).append(event.text)
     return {i: ("".join(texts), stream.finish_reasons[i]) for i, texts in out.items()}
+
+
+CALL = {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}, "days": {"type": "integer",
+         "minimum": 1, "maximum": 9}}, "required": ["city", "days"], "additionalProperties": False}
+
+
+def prompt_of(length: int, seed: int) -> list[int]:
+    """`length` token ids of no meaning (and never EOS)."""
+    rnd = random.Random(seed)
+    return [rnd.randrange(3, 500) for _ in range(length)]
+
+
+async def drive(engine: Engine, prompt: list[int], params: SamplingParams, n: int = 1
+                ) -> tuple[dict[int, tuple[str, str]], int]:
+    """`generate`, and the prompt tokens the prefix cache held."""
+    out: dict[int, list[str]] = {}
+    stream = engine.submit(GenerationRequest(tuple(prompt), params, n))
+    async with asyncio.timeout(TIMEOUT):
+        async for event in stream:
+            out.setdefault(event.index, []).append(event.text)
+    return {i: ("".join(texts), stream.finish_reasons[i]) for i, texts in out.items()}, stream.cached_tokens
+
+
+# every way a constrained row starts, at the default prefill budget: (prompt tokens, what runs beside it,
+# prompt tokens cached before it). A prompt over the budget goes in chunks; while rows decode its chunks
+# are the budget, while none does they are longer.
+START_PATHS = {
+    "whole": (40, None, 0),
+    "chunked-idle": (IDLE_PREFILL_TOKENS + 200, None, 0),
+    "chunked-beside-decoding": (PREFILL * 2 + 50, "decoding", 0),
+    "admitted-beside-decoding": (40, "decoding", 0),
+    "after-cached-prefix-whole": (PREFILL * 2 + 30, None, PREFILL * 2),
+    "after-cached-prefix-chunked": (PREFILL * 4, "decoding", PREFILL),
+}
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
+@pytest.mark.parametrize("path", list(START_PATHS))
+async def test_a_constrained_reply_is_valid_however_its_prompt_is_prefilled(tiny_model, tiny_tokenizer, compiler,
+                                                                            path, overlap):
+    """Whole, in chunks, after a cached prefix, admitted beside decoding rows, n > 1: every reply validates.
+    (A prompt prefilled in chunks used to give `{{` with `stop`: its first token was sampled after the last
+    chunk, then the batch it joined decoded it again before the grammar had seen that token.)"""
+    length, beside, cached = START_PATHS[path]
+    grammar = compiler.compile(GrammarSpec("json_schema", json.dumps(CALL)))
+    engine = Engine(tiny_model, tiny_tokenizer, LIMITS, overlap=overlap, prefix_caching=True)
+    prompt = prompt_of(length, seed=length)
+    try:
+        if cached:  # an earlier request leaves the prefix behind
+            await drive(engine, prompt[:cached] + prompt_of(20, seed=1), SamplingParams(max_tokens=2, temperature=0.0))
+        free = None
+        if beside == "decoding":
+            free = asyncio.create_task(drive(engine, prompt_of(30, seed=2), SamplingParams(
+                max_tokens=400, temperature=0.0, ignore_eos=True)))
+            while engine.stats()["running"] == 0:
+                await asyncio.sleep(0.005)
+        replies, reused = await drive(engine, prompt, SamplingParams(max_tokens=60, temperature=1.0, seed=3,
+                                                                     grammar=grammar), n=2)
+        if free is not None:
+            assert not free.done(), "the unconstrained stream should still be decoding beside it"
+            await free
+    finally:
+        engine.shutdown()
+    assert reused == cached
+    assert len(replies) == 2
+    for text, reason in replies.values():
+        assert reason == FinishReason.STOP, (reason, text)
+        jsonschema.validate(json.loads(text), CALL)
+
+
+class BrokenSampler:
+    """Fault injection: the sampler hands a constrained row a token its grammar refuses (what a mask that
+    disagrees with the matcher would do). A correct engine never does this; its failure must show."""
+
+    def __init__(self, token: int) -> None:
+        from falcon_service.engine import engine as engine_module
+
+        self.token, self.real = token, engine_module.sample
+
+    def __call__(self, logits, states, io=None):
+        sampled = self.real(logits, states, io)
+        for row, state in enumerate(states):
+            if state.matcher is not None:
+                sampled.tokens[row] = self.token
+        return sampled
+
+
+async def test_a_token_the_grammar_rejects_fails_the_request_never_a_stop(tiny_model, tiny_tokenizer, compiler,
+                                                                          monkeypatch):
+    from falcon_service.engine import engine as engine_module
+
+    rejected = tiny_tokenizer.encode("z", add_special_tokens=False)[0]  # a reply of `{...}` never starts with z
+    monkeypatch.setattr(engine_module, "sample", BrokenSampler(rejected))
+    grammar = compiler.compile(GrammarSpec("json_schema", json.dumps(CALL)))
+
+    class Counter:
+        rejections = 0
+
+        def on_step(self, *_: int) -> None: ...
+        def on_rejected(self) -> None: ...
+        def on_request_done(self, record) -> None:
+            self.reason = record.finish_reason
+
+        def on_grammar_rejection(self) -> None:
+            self.rejections += 1
+
+    counter = Counter()
+    engine = Engine(tiny_model, tiny_tokenizer, LIMITS, observer=counter)
+    try:
+        stream = engine.submit(GenerationRequest((5, 6, 7), SamplingParams(max_tokens=20, seed=1, grammar=grammar), 2))
+        texts: list[str] = []
+        with pytest.raises(EngineError, match="grammar"):
+            async with asyncio.timeout(TIMEOUT):
+                async for event in stream:
+                    texts.append(event.text)
+        assert "".join(texts) == ""  # the rejected token's text never reaches the client
+        assert counter.rejections == 1 and counter.reason == FinishReason.ERROR
+        # the engine serves on, and a free request beside it was never touched
+        monkeypatch.undo()
+        replies, _ = await drive(engine, [5, 6, 7], SamplingParams(max_tokens=40, seed=1, grammar=grammar))
+        jsonschema.validate(json.loads(replies[0][0]), CALL)
+    finally:
+        engine.shutdown()
 
 
 @pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
