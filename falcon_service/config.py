@@ -50,6 +50,11 @@ class Settings(BaseModel):
         "512 on a GPU"
     )
     max_queue_size: int = Field(256, ge=0, description="requests waiting for a batch slot before 429")
+    grammar_compile_seconds: float = Field(
+        3.0, gt=0, description="longest a structured-output grammar (schema, regex, Lark, tools) may take to compile, "
+        "in a sandbox process, before the request gets 400")
+    grammar_memory_mb: int = Field(
+        1024, ge=64, description="memory one grammar compile may take, in the sandbox process (a 400 past it)")
     api_key: str | None = Field(
         None, description="when set, requests need `Authorization: Bearer <key>` (see api_key_scope)"
     )

@@ -153,7 +153,7 @@ class OpenAIServing:
         if found is None:
             return None
         try:
-            return await asyncio.to_thread(engine.grammars.compile, found.spec)
+            return await engine.grammars.compile_async(found.spec)
         except UnsupportedGrammar as exc:
             raise bad_request(f"`{found.param}` cannot be used: {exc}", param=found.param,
                               code="unsupported_grammar") from None

@@ -27,7 +27,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from .batch import RunningBatch
 from .cuda_graphs import Capture, DecodeGraphs
 from .falcon import FalconRunner, context_length
-from .grammar import GrammarCompiler
+from .grammar import GrammarCompiler, GrammarLimits
 from .prefix_cache import PrefixMatch
 from .request import ChoiceEvent, EngineError, EngineObserver, FinishReason, GenerationRequest, RequestRecord
 from .sampling import SampledOnHost, SamplingParams, TokenLogprob, sample
@@ -68,13 +68,13 @@ class Engine:
         self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, limits: BatchLimits,
         observer: EngineObserver | None = None, runner_factory: RunnerFactory = FalconRunner,
         threads: int | None = None, cuda_graphs: bool | None = None, overlap: bool | None = None,
-        graph_capture: Capture | None = None, prefix_caching: bool = False,
+        graph_capture: Capture | None = None, prefix_caching: bool = False, grammar_limits: GrammarLimits | None = None,
     ) -> None:
         self.model = model.eval()
         self.threads = threads
         self.observer = observer
         self.tokenizer = tokenizer
-        self.grammars = GrammarCompiler(tokenizer)  # callers compile off this engine's thread
+        self.grammars = GrammarCompiler(tokenizer, grammar_limits)  # callers compile off this engine's thread
         self.max_model_len = context_length(model.config)
         self.eos_token_id = tokenizer.eos_token_id
         self.vocab_size = model.config.vocab_size
@@ -150,6 +150,7 @@ class Engine:
             self._stopping = True
             self._wake.notify()
         self._thread.join(timeout)
+        self.grammars.close()
 
     # ---- engine thread ----
 

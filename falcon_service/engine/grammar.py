@@ -8,38 +8,30 @@ it needs no compile step worth the name (5 ms for a 10-field schema, xgrammar 31
 3 MB wheel with no dependencies (xgrammar requires triton). Its mask costs more per token (41 us
 median, xgrammar 3 us), well under a decode step.
 
-A spec is compiled once (`GrammarCompiler.compile`, cached, thread-safe: callers run it off the
-engine thread) into a matcher template; each sequence gets a copy and advances it with every token
-it accepts. The sampler fills the masks of the constrained rows only.
+A spec is compiled once (`GrammarCompiler.compile`, cached, thread-safe) into a matcher template; each
+sequence gets a copy and advances it with every token it accepts. The sampler fills the masks of the
+constrained rows only. A new spec is first checked against cheap bounds, then compiled in the sandbox
+(`grammar_sandbox.py`: a child process with a memory cap and a deadline), and only then here: no grammar
+can crash, exhaust or stall the server. Compiles run on the compiler's own threads (`compile_async`), never
+on the event loop's default pool, which tokenizing uses.
 """
 
 from __future__ import annotations
 
-import json
+import asyncio
 import os
+import queue
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
-from typing import Literal
+from concurrent.futures import Future
 
 import torch
 
-Kind = Literal["json_schema", "json_object", "regex", "choice", "lark"]
-# compact JSON: no whitespace between tokens, so a reply cannot spend its tokens on spaces
-JSON_OPTIONS = {"whitespace_flexible": False}
+from .grammar_sandbox import STACK_BYTES, CompileSandbox
+from .grammar_source import GrammarLimits, GrammarSpec, UnsupportedGrammar, build_matcher, check_bounds
 
-
-class UnsupportedGrammar(ValueError):
-    """The grammar (a schema, a regex...) is invalid or uses what the grammar engine cannot do."""
-
-
-@dataclass(frozen=True)
-class GrammarSpec:
-    """What to constrain a reply to: `source` is the schema's JSON, the regex, the choices as a JSON list
-    of strings, or the Lark grammar."""
-
-    kind: Kind
-    source: str = ""
+__all__ = ["Grammar", "GrammarCompiler", "GrammarLimits", "GrammarMatcher", "GrammarSpec", "UnsupportedGrammar",
+           "allowed_tokens", "fill_masks"]
 
 
 class GrammarMatcher:
@@ -68,32 +60,51 @@ class Grammar:
         return GrammarMatcher(self._template.deep_copy())
 
 
-def grammar_text(spec: GrammarSpec) -> str:
-    """The llguidance grammar of a spec (not yet checked)."""
-    from llguidance import LLMatcher
+class _CompileThreads:
+    """The compiler's own worker threads (stacks of the sandbox's size): compiles wait here, not on the pool
+    that the event loop's `to_thread` shares with tokenizing."""
 
-    if spec.kind == "json_schema":
-        return LLMatcher.grammar_from_json_schema(spec.source, defaults=JSON_OPTIONS)
-    if spec.kind == "json_object":
-        return LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=JSON_OPTIONS)
-    if spec.kind == "regex":
-        return LLMatcher.grammar_from_regex(spec.source)
-    if spec.kind == "choice":
-        # each choice a Lark string literal (JSON string escaping is Lark's)
-        choices = json.loads(spec.source)
-        return LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in choices))
-    return LLMatcher.grammar_from_lark(spec.source)
+    def __init__(self, count: int) -> None:
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        previous = threading.stack_size(STACK_BYTES)
+        try:
+            for i in range(count):
+                threading.Thread(target=self._work, name=f"grammar-compile-{i}", daemon=True).start()
+        finally:
+            threading.stack_size(previous)
+
+    def _work(self) -> None:
+        while True:
+            future, fn, args = self._jobs.get()
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args))
+                except BaseException as exc:  # handed to the caller
+                    future.set_exception(exc)
+
+    def submit(self, fn, *args) -> Future:
+        future: Future = Future()
+        self._jobs.put((future, fn, args))
+        return future
 
 
 class GrammarCompiler:
-    """Compiles specs for one tokenizer; the last `cache_size` compiled grammars are kept."""
+    """Compiles specs for one tokenizer within `limits`; the last `cache_size` compiled grammars are kept.
 
-    def __init__(self, tokenizer, cache_size: int = 256) -> None:
+    `workers` sandboxes (and threads) compile at once: one slow grammar does not hold up the others.
+    """
+
+    def __init__(self, tokenizer, limits: GrammarLimits | None = None, cache_size: int = 256, workers: int = 2) -> None:
         self._hf_tokenizer = tokenizer
+        self.limits = limits or GrammarLimits()
         self._tokenizer = None  # llguidance's view of it: built at the first compile (0.7 s for 65k tokens)
         self._cache: OrderedDict[GrammarSpec, Grammar] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
+        self._workers = workers
+        self._sandboxes: queue.SimpleQueue[CompileSandbox] | None = None
+        self._all_sandboxes: list[CompileSandbox] = []
+        self._threads: _CompileThreads | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -106,32 +117,74 @@ class GrammarCompiler:
             self._tokenizer = llguidance.hf.from_tokenizer(self._hf_tokenizer)
         return self._tokenizer
 
-    def compile(self, spec: GrammarSpec) -> Grammar:
-        """The grammar of `spec`, from the cache or compiled now; raises `UnsupportedGrammar` saying why."""
-        from llguidance import LLMatcher
-
+    def _sandbox_pool(self) -> queue.SimpleQueue[CompileSandbox]:
         with self._lock:
-            cached = self._cache.get(spec)
-            if cached is not None:
+            if self._sandboxes is None:
+                backend = self._hf_tokenizer.backend_tokenizer
+                text = backend.to_str()
+                self._sandboxes = queue.SimpleQueue()
+                for _ in range(self._workers):
+                    box = CompileSandbox(text, len(self._hf_tokenizer), self._hf_tokenizer.eos_token_id, self.limits)
+                    self._all_sandboxes.append(box)
+                    self._sandboxes.put(box)
+            return self._sandboxes
+
+    def start(self) -> None:
+        """Start the sandboxes and build the tokenizer now, so that the first constrained request does not wait."""
+        self._llg_tokenizer()
+        self._sandbox_pool()
+        for box in self._all_sandboxes:
+            box.start()
+
+    def cached(self, spec: GrammarSpec) -> Grammar | None:
+        with self._lock:
+            grammar = self._cache.get(spec)
+            if grammar is not None:
                 self._cache.move_to_end(spec)
-                return cached
-            tokenizer = self._llg_tokenizer()
+            return grammar
+
+    def compile(self, spec: GrammarSpec) -> Grammar:
+        """The grammar of `spec`, from the cache or compiled now (first in a sandbox); raises `UnsupportedGrammar`
+        saying why not. Blocks: call it off the event loop (`compile_async`)."""
+        cached = self.cached(spec)
+        if cached is not None:
+            return cached
+        check_bounds(spec, self.limits)
+        pool = self._sandbox_pool()
+        box = pool.get()
         try:
-            text = grammar_text(spec)
-        except ValueError as exc:
-            raise UnsupportedGrammar(str(exc)) from None
-        error = LLMatcher.validate_grammar(text, tokenizer)
-        if error:
-            raise UnsupportedGrammar(error)
-        template = LLMatcher(tokenizer, text, log_level=0)
-        if template.is_error():
-            raise UnsupportedGrammar(template.get_error())
+            box.check(spec)
+        finally:
+            pool.put(box)
+        tokenizer = self._llg_tokenizer()
+        if threading.current_thread().name.startswith("grammar-compile"):
+            template = build_matcher(spec, tokenizer, self.limits)
+        else:  # on a stack of the size the sandbox compiled it with
+            from .grammar_sandbox import on_big_stack
+
+            template = on_big_stack(build_matcher, spec, tokenizer, self.limits)
         grammar = Grammar(spec, template)
         with self._lock:
             self._cache[spec] = grammar
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
         return grammar
+
+    async def compile_async(self, spec: GrammarSpec) -> Grammar:
+        """`compile` on the compiler's own threads; the event loop answers meanwhile."""
+        cached = self.cached(spec)
+        if cached is not None:
+            return cached
+        with self._lock:
+            if self._threads is None:
+                self._threads = _CompileThreads(self._workers)
+            threads = self._threads
+        return await asyncio.wrap_future(threads.submit(self.compile, spec))
+
+    def close(self) -> None:
+        """Stop the sandboxes' processes."""
+        for box in self._all_sandboxes:
+            box.close()
 
 
 _executor = None  # llguidance's thread pool for filling several masks at once (native threads, no GIL)

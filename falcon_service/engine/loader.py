@@ -237,6 +237,8 @@ class EngineOptions:
     torch_threads: int | None = None  # CPU: default all usable cores
     cuda_graphs: bool = True
     prefix_caching: bool = True
+    grammar_compile_seconds: float = 3.0
+    grammar_memory_mb: int = 1024
 
 
 def load_engine(path: str | Path, options: EngineOptions, observer=None):
@@ -245,6 +247,7 @@ def load_engine(path: str | Path, options: EngineOptions, observer=None):
     from transformers import AutoConfig
 
     from .engine import Engine
+    from .grammar import GrammarLimits
     from .scheduler import BatchLimits
 
     started = time.perf_counter()
@@ -272,7 +275,10 @@ def load_engine(path: str | Path, options: EngineOptions, observer=None):
     engine = Engine(model, tokenizer, limits, observer=observer,
                     runner_factory=partial(FalconRunner, release_weights=True),
                     threads=threads if device == "cpu" else None, cuda_graphs=options.cuda_graphs and device == "cuda",
-                    prefix_caching=options.prefix_caching)
+                    prefix_caching=options.prefix_caching,
+                    grammar_limits=GrammarLimits(compile_seconds=options.grammar_compile_seconds,
+                                                 memory_bytes=options.grammar_memory_mb << 20))
+    engine.grammars.start()  # the compile sandboxes, so that the first constrained request does not wait for them
     if engine.graphs is not None:
         log.info("captured decode graphs in %.1f s", engine.capture_graphs())
     log.info("ready on %s (%s) in %.1f s; KV budget %d tokens in %d rows; %d prompt tokens per step", device,
