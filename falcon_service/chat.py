@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 # Falcon-7B-Instruct goes on writing the next dialogue turn itself; chat requests stop there by default.
 DEFAULT_CHAT_STOP: list[str] = ["\nUser:"]
+# what starts a tool call in a reply (and in the history); see api/tool_calls.py
+TOOL_CALL_MARKER = "<tool_call>"
 
 ROLES = ("system", "user", "assistant", "tool")
 _SPEAKERS = {"user": "User", "assistant": "Assistant", "tool": "Tool result"}
@@ -33,6 +36,11 @@ def message_text(content: str | Sequence[Mapping[str, Any]] | None) -> str:
     return "\n".join(texts)
 
 
+def written_call(name: str, arguments: str) -> str:
+    """A tool call as a reply writes it: the marker, then `{"name":...,"arguments":...}` (arguments as given)."""
+    return f'{TOOL_CALL_MARKER}{{"name":{json.dumps(name)},"arguments":{arguments}}}'
+
+
 def _plain_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Copies of the messages with a checked role and their content as plain text."""
     if not messages:
@@ -47,9 +55,9 @@ def _plain_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any
         text = message_text(message.get("content"))
         calls = message.get("tool_calls") or []
         if calls:  # an assistant's earlier tool calls, as the model would have written them
-            written = [f'{{"name": "{c["function"]["name"]}", "arguments": {c["function"]["arguments"]}}}'
-                       for c in calls]
-            text = "\n".join([text, *written]).strip()
+            written = "".join(written_call(c["function"]["name"], c["function"].get("arguments") or "{}")
+                              for c in calls)
+            text = "\n".join([text, written]).strip()
         plain.append({**message, "content": text})
     return plain
 

@@ -78,8 +78,9 @@ def test_tool_calls_and_their_results_are_rendered_into_the_history():
         {"role": "tool", "tool_call_id": "call_1", "content": "18 C, sunny"},
     ]
     prompt = render(messages, system="You can call weather.")
+    # an earlier call in the format a reply writes it (api/tool_calls.py), so the model sees its own form
     assert prompt == ('You can call weather.\nUser: Weather in Paris?\n'
-                      'Assistant: {"name": "weather", "arguments": {"city":"Paris"}}\n'
+                      'Assistant: <tool_call>{"name":"weather","arguments":{"city":"Paris"}}\n'
                       'Tool result: 18 C, sunny\nAssistant:')
 
 

@@ -36,6 +36,7 @@ from .protocol import (
     CompletionRequest,
     CompletionResponse,
     DeltaMessage,
+    FunctionCall,
     FunctionCallDelta,
     GenerateRequest,
     ModelCard,
@@ -44,6 +45,7 @@ from .protocol import (
     PromptTokensDetails,
     ResponseMessage,
     SamplingFields,
+    ToolCall,
     ToolCallDelta,
     TopLogprob,
     Usage,
@@ -51,7 +53,8 @@ from .protocol import (
     now,
     unsupported_field,
 )
-from .structured import Constraint, ToolMode, constraint, new_call_id, tool_call, tools_prompt
+from .structured import Constraint, constraint
+from .tool_calls import Piece, ToolCallParser, ToolMode, tools_prompt
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +214,8 @@ class OpenAIServing:
         found = constraint(body)
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
         self._refuse_if_surely_too_long(engine, sum(len(str(m.get("content") or "")) for m in messages), "messages")
-        system = tools_prompt(body.tools) if found is not None and found.tool is not None and body.tools else None
+        tool = found.tool if found is not None else None
+        system = tools_prompt(tool, list(found.tools)) if found is not None and tool is not None else None
 
         def tokenize() -> tuple[str, list[int]]:
             prompt = chat.render(messages, engine.tokenizer, system)
@@ -221,13 +225,13 @@ class OpenAIServing:
         grammar = await self._grammar(engine, found)
         stop = body.stop_list()
         # the default stop is for free text (the model writing the user's turn); a grammar ends the reply itself
-        if self.default_chat_stop and body.default_stop and grammar is None:
+        free_text = grammar is None or (tool is not None and tool.choice == "auto")
+        if self.default_chat_stop and body.default_stop and free_text:
             stop += [s for s in chat.DEFAULT_CHAT_STOP if s not in stop]
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         params = self._params(body, len(ids), body.max_new_tokens, stop, logprobs,
                               "max_completion_tokens" if body.max_completion_tokens else "max_tokens", grammar)
-        return _Prepared([GenerationRequest(tuple(ids), params, body.n or 1, new_id("req"))], [prompt],
-                         found.tool if found is not None else None)
+        return _Prepared([GenerationRequest(tuple(ids), params, body.n or 1, new_id("req"))], [prompt], tool)
 
     async def _prepare_completion(self, body: CompletionRequest) -> _Prepared:
         engine = self._check_common(body)
@@ -393,9 +397,8 @@ class OpenAIServing:
         choices = []
         for i in range(n):
             message, reason = ResponseMessage(content=texts[i]), finish[i]
-            if prepared.tool is not None and reason == FinishReason.STOP:  # a complete call
-                message = ResponseMessage(content=None, tool_calls=[tool_call(prepared.tool, texts[i])])
-                reason = FinishReason.TOOL_CALLS
+            if prepared.tool is not None:
+                message, reason = tool_reply(prepared.tool, texts[i], reason)
             choices.append(ChatChoice(index=i, message=message, finish_reason=reason,
                                       logprobs=self.chat_logprobs(logprobs[i]) if body.logprobs else None))
         return ChatCompletionResponse(id=new_id("chatcmpl"), created=now(), model=self.model_name,
@@ -506,42 +509,60 @@ class ChatChunks(ChunkFormat):
         return self._chunk([], usage=usage)
 
 
+def tool_reply(mode: ToolMode, text: str, reason: str | None) -> tuple[ResponseMessage, str | None]:
+    """A whole reply in a tool mode as OpenAI's message: content, or the calls it makes (partial ones too, when
+    `max_tokens` cut it); `tool_calls` is the finish reason of a reply that completed its calls."""
+    parser = ToolCallParser(mode)
+    parser.feed(text)
+    parser.finish()
+    calls = [ToolCall(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments)) for c in parser.calls]
+    if calls and reason == FinishReason.STOP:
+        reason = FinishReason.TOOL_CALLS
+    if calls:
+        content = parser.content or None
+    else:  # plain text (auto), or a required call cut before its name was complete: nothing to show
+        content = parser.content if mode.choice == "auto" else None
+    return ResponseMessage(content=content, tool_calls=calls or None), reason
+
+
 class ToolCallChunks(ChatChunks):
-    """Chat chunks of a reply that is a tool call: `tool_calls` deltas instead of content. A call of a named
-    function streams its arguments as they come; a call of one of several tools comes whole once complete
-    (its name is part of what is generated)."""
+    """Chat chunks of a reply in a tool mode: content deltas for plain text, `tool_calls` deltas for calls (a
+    call's name and id first, then its arguments as they come); what `tool_reply` gives, in pieces."""
 
     def __init__(self, serving: OpenAIServing, body: ChatCompletionRequest, mode: ToolMode) -> None:
         super().__init__(serving, body)
-        self.mode = mode
-        self.texts: dict[int, str] = {}
+        self.parsers = [ToolCallParser(mode) for _ in range(body.n or 1)]
 
     def opening(self) -> list[str]:
         lines = super().opening()
-        if self.mode.named is not None:
-            for i in range(self.body.n or 1):
-                call = ToolCallDelta(index=0, id=new_call_id(), type="function",
-                                     function=FunctionCallDelta(name=self.mode.named, arguments=""))
-                lines.append(self._chunk([ChatChunkChoice(index=i, delta=DeltaMessage(tool_calls=[call]))]))
+        for i, parser in enumerate(self.parsers):
+            if (piece := parser.opening) is not None:
+                lines.append(self._pieces(i, [piece]))
         return lines
 
+    def _pieces(self, index: int, pieces: list[Piece]) -> str:
+        lines = []
+        for piece in pieces:
+            if piece.call is None:
+                if piece.content:
+                    lines.append(self.text(index, piece.content))
+                continue
+            call = ToolCallDelta(index=piece.call, function=FunctionCallDelta(arguments=piece.arguments))
+            if piece.name is not None:
+                call = ToolCallDelta(index=piece.call, id=piece.id, type="function",
+                                     function=FunctionCallDelta(name=piece.name, arguments=piece.arguments))
+            lines.append(self._chunk([ChatChunkChoice(index=index, delta=DeltaMessage(tool_calls=[call]))]))
+        return "".join(lines)
+
     def delta(self, index: int, event: ChoiceEvent) -> str | None:
-        self.texts[index] = self.texts.get(index, "") + event.text
-        if self.mode.named is None or not event.text:
-            return None
-        call = ToolCallDelta(index=0, function=FunctionCallDelta(arguments=event.text))
-        return self._chunk([ChatChunkChoice(index=index, delta=DeltaMessage(tool_calls=[call]))])
+        return self._pieces(index, self.parsers[index].feed(event.text)) or None
 
     def finish(self, index: int, reason: FinishReason) -> str:
-        if reason != FinishReason.STOP:
-            return super().finish(index, reason)
-        lines = ""
-        if self.mode.named is None:  # the whole call, now that it is complete
-            call = tool_call(self.mode, self.texts.get(index, "")).function
-            delta = ToolCallDelta(index=0, id=new_call_id(), type="function",
-                                  function=FunctionCallDelta(name=call.name, arguments=call.arguments))
-            lines = self._chunk([ChatChunkChoice(index=index, delta=DeltaMessage(tool_calls=[delta]))])
-        return lines + super().finish(index, FinishReason.TOOL_CALLS)
+        parser = self.parsers[index]
+        lines = self._pieces(index, parser.finish())
+        if parser.calls and reason == FinishReason.STOP:
+            reason = FinishReason.TOOL_CALLS
+        return lines + super().finish(index, reason)
 
 
 class CompletionChunks(ChunkFormat):

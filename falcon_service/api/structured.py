@@ -1,34 +1,21 @@
-"""Structured outputs: what a request asks its reply to be, as a grammar for the engine, and tool-call
-replies turned into OpenAI's `tool_calls`.
+"""Structured outputs: what a request asks its reply to be, as a grammar for the engine.
 
 Sources (at most one per request): `response_format` (`json_object`, `json_schema`); vLLM's
 `structured_outputs` (`json`, `regex`, `choice`, `grammar`, `json_object`) and its older `guided_json`,
-`guided_regex`, `guided_choice`; `tools` with `tool_choice` `"required"` or a named function.
-`tool_choice: "auto"` is refused: Falcon-7B-Instruct was not trained to decide by itself whether to
-call a tool, so letting it decide would be a coin toss dressed as a feature.
+`guided_regex`, `guided_choice`; `tools` with `tool_choice` `"auto"` (the default when tools are sent),
+`"required"` or a named function (`tool_calls.py`: the format, the grammar, the reply read back).
 """
 
 from __future__ import annotations
 
 import json
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
 from ..engine.grammar import GrammarSpec
 from .errors import bad_request
-from .protocol import ChatCompletionRequest, CompletionRequest, FunctionCall, Tool, ToolCall
-
-NO_ARGUMENTS = {"type": "object", "properties": {}, "additionalProperties": False}
-
-
-@dataclass(frozen=True)
-class ToolMode:
-    """A reply that is a tool call: of `named` (its arguments are the reply), or of one of `tools` (the reply
-    is `{"name": ..., "arguments": {...}}`)."""
-
-    named: str | None
-    tools: tuple[str, ...]
+from .protocol import ChatCompletionRequest, CompletionRequest, Tool
+from .tool_calls import ToolMode, tool_grammar
 
 
 @dataclass(frozen=True)
@@ -36,6 +23,7 @@ class Constraint:
     spec: GrammarSpec
     param: str  # the request field it came from (named in errors)
     tool: ToolMode | None = None
+    tools: tuple[Tool, ...] = ()  # (with `tool`) what the model is told of
 
 
 def constraint(body: ChatCompletionRequest | CompletionRequest) -> Constraint | None:
@@ -88,50 +76,15 @@ def _tool_constraint(body: ChatCompletionRequest) -> Constraint | None:
     choice = choice or "auto"  # OpenAI's default when tools are given
     if choice == "none":
         return None
-    if choice == "auto":
-        raise bad_request(
-            "`tool_choice: \"auto\"` is not supported: Falcon-7B-Instruct was not trained to decide by itself "
-            "whether to call a tool. Send \"required\" (the reply is a call of one of the tools), name a function "
-            "({\"type\": \"function\", \"function\": {\"name\": ...}}), or \"none\".",
-            param="tool_choice", code="unsupported_parameter")
-    by_name = {t.function.name: t for t in tools}
-    if len(by_name) != len(tools):
+    names = tuple(t.function.name for t in tools)
+    if len(set(names)) != len(names):
         raise bad_request("tool names must be distinct", param="tools")
-    if choice == "required" and len(tools) > 1:
-        calls = [{"type": "object", "properties": {"name": {"const": t.function.name},
-                                                  "arguments": _parameters(t)},
-                  "required": ["name", "arguments"], "additionalProperties": False} for t in tools]
-        return Constraint(GrammarSpec("json_schema", json.dumps({"anyOf": calls})), "tools",
-                          ToolMode(None, tuple(by_name)))
-    name = tools[0].function.name if choice == "required" else choice.function.name  # type: ignore[union-attr]
-    if name not in by_name:
-        raise bad_request(f"tool_choice names `{name}`, which is not among the tools", param="tool_choice")
-    return Constraint(GrammarSpec("json_schema", json.dumps(_parameters(by_name[name]))), "tools",
-                      ToolMode(name, tuple(by_name)))
-
-
-def _parameters(tool: Tool) -> dict[str, Any]:
-    return tool.function.parameters or NO_ARGUMENTS
-
-
-def tool_call(mode: ToolMode, text: str) -> ToolCall:
-    """The call a complete constrained reply makes."""
-    if mode.named is not None:
-        name, arguments = mode.named, text
+    parallel = body.parallel_tool_calls is not False
+    if choice in ("auto", "required"):
+        mode = ToolMode(choice, names, parallel=parallel)  # type: ignore[arg-type]
     else:
-        call = json.loads(text)
-        name, arguments = call["name"], json.dumps(call["arguments"], ensure_ascii=False, separators=(",", ":"))
-    return ToolCall(id=new_call_id(), function=FunctionCall(name=name, arguments=arguments))
-
-
-def new_call_id() -> str:
-    return f"call_{uuid.uuid4().hex[:24]}"
-
-
-def tools_prompt(tools: list[Tool]) -> str:
-    """What the model is told of the tools (the grammar does the rest)."""
-    lines = ["You can call these functions; answer with the arguments of a call as JSON."]
-    for t in tools:
-        description = f": {t.function.description}" if t.function.description else ""
-        lines.append(f"- {t.function.name}{description}. Parameters: {json.dumps(_parameters(t))}")
-    return "\n".join(lines)
+        name = choice.function.name  # type: ignore[union-attr]
+        if name not in names:
+            raise bad_request(f"tool_choice names `{name}`, which is not among the tools", param="tool_choice")
+        mode = ToolMode("named", names, named=name, parallel=False)
+    return Constraint(tool_grammar(mode, tools), "tools", mode, tuple(tools))

@@ -125,8 +125,6 @@ async def test_out_of_range_values_are_400_naming_the_param(api, extra: dict[str
     [
         ({"functions": [{"name": "f", "parameters": {}}]}, "functions"),
         ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
-        # tools without tool_choice means "auto": the model would decide by itself, which it cannot
-        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tool_choice"),
     ],
 )
 async def test_unsupported_features_are_400(api, extra: dict[str, Any], param: str):

@@ -99,7 +99,8 @@ async def test_completions_take_a_response_format_too(client):
 async def test_a_required_tool_call_among_several(client):
     for seed in range(4):
         reply = await client.chat.completions.create(model=MODEL_NAME, messages=HELLO, max_tokens=150, seed=seed,
-                                                     tools=[WEATHER, TIME], tool_choice="required")
+                                                     tools=[WEATHER, TIME], tool_choice="required",
+                                                     parallel_tool_calls=False)
         choice = reply.choices[0]
         assert choice.finish_reason == "tool_calls" and choice.message.content is None
         (call,) = choice.message.tool_calls
@@ -107,28 +108,109 @@ async def test_a_required_tool_call_among_several(client):
         jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
 
 
-async def test_a_named_tool_call_streams_its_arguments(client):
-    named = {"type": "function", "function": {"name": "get_weather"}}
-    stream = await client.chat.completions.create(model=MODEL_NAME, messages=HELLO, max_tokens=150, seed=2,
-                                                  tools=[WEATHER, TIME], tool_choice=named, stream=True)
-    deltas, finish = [], None
+async def streamed_message(client, **kwargs) -> tuple[str | None, list[dict], str | None]:
+    """A streamed chat reply put together as a client does: content, the calls (from their deltas by index:
+    id, name, arguments), the finish reason."""
+    stream = await client.chat.completions.create(stream=True, **kwargs)
+    content, calls, finish = None, {}, None
     async for chunk in stream:
         for choice in chunk.choices:
-            deltas += choice.delta.tool_calls or []
+            if choice.delta.content:
+                content = (content or "") + choice.delta.content
+            for delta in choice.delta.tool_calls or []:
+                call = calls.setdefault(delta.index, {"id": None, "name": None, "arguments": ""})
+                if delta.id:
+                    assert call["id"] is None, "a call's id comes once"
+                    call["id"], call["name"] = delta.id, delta.function.name
+                call["arguments"] += delta.function.arguments or ""
             finish = choice.finish_reason or finish
-    assert finish == "tool_calls"
-    assert deltas[0].function.name == "get_weather" and deltas[0].id.startswith("call_")
-    assert len(deltas) > 2, "the arguments come in pieces, as they are generated"
-    arguments = "".join(d.function.arguments or "" for d in deltas)
-    jsonschema.validate(json.loads(arguments), SCHEMAS["get_weather"])
+    return content, [calls[i] for i in sorted(calls)], finish
 
 
-async def test_a_required_call_streamed_comes_whole(client):
-    stream = await client.chat.completions.create(model=MODEL_NAME, messages=HELLO, max_tokens=150, seed=5,
-                                                  tools=[WEATHER, TIME], tool_choice="required", stream=True)
-    calls = [c for chunk in [x async for x in stream] for ch in chunk.choices for c in (ch.delta.tool_calls or [])]
-    (call,) = calls
-    jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
+def whole_message(reply) -> tuple[str | None, list[dict], str | None]:
+    choice = reply.choices[0]
+    calls = [{"id": c.id, "name": c.function.name, "arguments": c.function.arguments}
+             for c in choice.message.tool_calls or []]
+    return choice.message.content, calls, choice.finish_reason
+
+
+def same_message(streamed, whole) -> bool:
+    """Equal but for the calls' ids (each response makes its own)."""
+    def strip(m):
+        return m[0], [(c["name"], c["arguments"]) for c in m[1]], m[2]
+    return strip(streamed) == strip(whole)
+
+
+NAMED = {"type": "function", "function": {"name": "get_weather"}}
+
+
+# (tool_choice, max_tokens): whole calls; calls cut in their arguments (a required call's head, the marker
+# and `{"name":...,"arguments":`, takes about 20 of the tiny model's tokens); cut at the first token
+@pytest.mark.parametrize("tool_choice,max_tokens", [
+    ("required", 150), (NAMED, 150), ("required", 48), (NAMED, 12), ("required", 1), (NAMED, 1),
+], ids=["required", "named", "required-cut", "named-cut", "required-one-token", "named-one-token"])
+async def test_a_tool_call_is_the_same_streamed_and_not(client, tool_choice, max_tokens):
+    """Complete, or cut by max_tokens: the same message either way. A cut call is the partial call (its
+    arguments so far) with finish_reason "length", as OpenAI gives it; never the reply's raw text."""
+    for seed in range(3):
+        kwargs = {"model": MODEL_NAME, "messages": HELLO, "max_tokens": max_tokens, "seed": seed,
+                  "tools": [WEATHER, TIME], "tool_choice": tool_choice}
+        whole = whole_message(await client.chat.completions.create(**kwargs))
+        streamed = await streamed_message(client, **kwargs)
+        assert same_message(streamed, whole), (streamed, whole)
+        content, calls, finish = whole
+        assert content is None
+        if max_tokens == 150:
+            assert finish == "tool_calls" and calls
+            for call in calls:
+                assert call["id"].startswith("call_")
+                jsonschema.validate(json.loads(call["arguments"]), SCHEMAS[call["name"]])
+        else:
+            assert finish == "length"
+            if max_tokens > 1 or tool_choice == NAMED:  # the call began: its name, its arguments so far
+                (call,) = calls
+                assert call["name"] in SCHEMAS and call["arguments"].startswith("{")
+                assert "arguments" not in call["arguments"]  # no wrapper of ours
+                with pytest.raises(json.JSONDecodeError):
+                    json.loads(call["arguments"])
+            else:  # one token of the marker: no call began
+                assert calls == []
+
+
+def token_bias(tokenizer, text: str, value: int) -> dict[str, int]:
+    return {str(t): value for t in tokenizer.encode(text, add_special_tokens=False)}
+
+
+async def test_tool_choice_auto_is_the_default_and_answers_in_text(client, tiny_tokenizer):
+    """Tools without tool_choice (what the OpenAI SDKs, LangChain and the Agents SDK send): "auto". Kept from
+    the marker's first token, the model answers in plain text, streamed as content, never a call."""
+    kwargs = {"model": MODEL_NAME, "messages": HELLO, "max_tokens": 20, "seed": 1, "tools": [WEATHER, TIME],
+              "logit_bias": token_bias(tiny_tokenizer, "<", -100)}
+    whole = whole_message(await client.chat.completions.create(**kwargs))
+    streamed = await streamed_message(client, **kwargs)
+    assert same_message(streamed, whole)
+    content, calls, finish = whole
+    assert calls == [] and finish == "length" and content and not content.startswith("<")
+    stopped = await client.chat.completions.create(**{**kwargs, "stop": [content[3:6]]})
+    assert stopped.choices[0].finish_reason == "stop" and stopped.choices[0].message.tool_calls is None
+
+
+async def test_tool_choice_auto_makes_calls_when_the_model_starts_one(client, tiny_tokenizer):
+    """Pushed towards the marker's first token: the reply is calls, parsed into tool_calls with finish
+    "tool_calls"; the stream shows no markup as content."""
+    for parallel in (False, True):
+        kwargs = {"model": MODEL_NAME, "messages": HELLO, "max_tokens": 120, "seed": 2, "tools": [WEATHER, TIME],
+                  "tool_choice": "auto", "parallel_tool_calls": parallel,
+                  "logit_bias": token_bias(tiny_tokenizer, "<", 100)}
+        whole = whole_message(await client.chat.completions.create(**kwargs))
+        streamed = await streamed_message(client, **kwargs)
+        assert same_message(streamed, whole), (streamed, whole)
+        content, calls, finish = whole
+        assert content is None and calls
+        if not parallel:  # one call, and the reply ends with it
+            assert len(calls) == 1 and finish == "tool_calls"
+        for call in calls[:-1] if finish == "length" else calls:
+            jsonschema.validate(json.loads(call["arguments"]), SCHEMAS[call["name"]])
 
 
 async def test_tool_choice_none_is_plain_text(client):
@@ -137,17 +219,19 @@ async def test_tool_choice_none_is_plain_text(client):
     assert reply.choices[0].message.tool_calls is None and reply.choices[0].finish_reason in ("length", "stop")
 
 
-async def test_a_tool_result_continues_the_conversation(client):
+async def test_a_tool_result_continues_the_conversation(client, tiny_tokenizer):
+    """The follow-up turn: the call and its result in the history, tools still offered (auto)."""
     history = [*HELLO, {"role": "assistant", "content": None, "tool_calls": [{
         "id": "call_1", "type": "function", "function": {"name": "get_weather",
                                                          "arguments": '{"city":"Paris","unit":"C"}'}}]},
                {"role": "tool", "tool_call_id": "call_1", "content": "18 C"}]
-    reply = await client.chat.completions.create(model=MODEL_NAME, messages=history, max_tokens=5, seed=1)
-    assert reply.choices[0].finish_reason in ("length", "stop")
+    reply = await client.chat.completions.create(model=MODEL_NAME, messages=history, max_tokens=5, seed=1,
+                                                 tools=[WEATHER, TIME],
+                                                 logit_bias=token_bias(tiny_tokenizer, "<", -100))
+    assert reply.choices[0].finish_reason in ("length", "stop") and reply.choices[0].message.content
 
 
 @pytest.mark.parametrize("extra,param,mentions", [
-    ({"tools": [WEATHER], "tool_choice": "auto"}, "tool_choice", "not trained"),
     ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice", "nope"),
     ({"tool_choice": "required"}, "tool_choice", "needs `tools`"),
     ({"response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a"}}, "structured_outputs",
@@ -162,9 +246,3 @@ async def test_what_cannot_be_done_is_a_400_that_says_why(api, extra, param, men
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["param"] == param and mentions in error["message"], error
-
-
-async def test_a_call_cut_by_max_tokens_says_length(client):
-    reply = await client.chat.completions.create(model=MODEL_NAME, messages=HELLO, max_tokens=3, seed=1,
-                                                 tools=[WEATHER], tool_choice="required")
-    assert reply.choices[0].finish_reason == "length" and reply.choices[0].message.tool_calls is None

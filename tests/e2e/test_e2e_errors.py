@@ -94,8 +94,9 @@ CHAT_400 = [
     pytest.param({"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}]},
         "messages", None, "image_url", id="image-part"),
-    pytest.param({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]},
-                 "tool_choice", "unsupported_parameter", "auto", id="tools-auto"),
+    pytest.param({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+                  "tool_choice": {"type": "function", "function": {"name": "g"}}},
+                 "tool_choice", None, "`g`", id="tool-choice-not-among-tools"),
     pytest.param({"functions": [{"name": "f", "parameters": {"type": "object"}}]}, "functions",
                  "unsupported_parameter", "functions", id="legacy-functions"),
     pytest.param({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {

@@ -113,3 +113,76 @@ def test_constrained_replies_to_long_fresh_prompts_are_valid(client, server, str
             chat_text, completion_text = chat.choices[0].message.content, completion.choices[0].text
         for text in (chat_text, completion_text):
             jsonschema.validate(json.loads(text), CALL)
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather now in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                                                    "unit": {"enum": ["C", "F"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}
+
+
+@pytest.fixture(scope="module")
+def lt_token(bentoml_home, model_tag) -> str:
+    """The id of the token "<", the first of a tool call's marker."""
+    from transformers import AutoTokenizer
+
+    from import_model import get_model
+
+    tokenizer = AutoTokenizer.from_pretrained(get_model(model_tag, bentoml_home=bentoml_home).path)
+    (token,) = tokenizer.encode("<", add_special_tokens=False)
+    return str(token)
+
+
+def message(client, stream: bool, **kwargs) -> tuple[str | None, list[tuple[str, str]], str]:
+    """Content, calls (name, arguments) and finish reason of a chat reply, streamed (put together from its
+    deltas) or not."""
+    if not stream:
+        choice = client.chat.completions.create(**kwargs).choices[0]
+        calls = [(c.function.name, c.function.arguments) for c in choice.message.tool_calls or []]
+        return choice.message.content, calls, choice.finish_reason
+    content, calls, finish = None, {}, ""
+    for chunk in client.chat.completions.create(stream=True, **kwargs):
+        for choice in chunk.choices:
+            if choice.delta.content:
+                content = (content or "") + choice.delta.content
+            for delta in choice.delta.tool_calls or []:
+                name, arguments = calls.get(delta.index, ("", ""))
+                calls[delta.index] = (delta.function.name or name, arguments + (delta.function.arguments or ""))
+            finish = choice.finish_reason or finish
+    return content, [calls[i] for i in sorted(calls)], finish
+
+
+def test_tools_without_tool_choice_answer_in_text_or_calls(client, server, lt_token):
+    """"auto", the default: pushed away from the marker, plain text; pushed to it, a call; the same streamed
+    and not; then the follow-up turn with the tool's result."""
+    base = {"model": server.model, "messages": [{"role": "user", "content": "Weather in Rome?"}], "seed": 3,
+            "tools": [WEATHER]}
+    text = [message(client, stream, max_tokens=12, logit_bias={lt_token: -100}, **base) for stream in (False, True)]
+    assert text[0] == text[1]
+    content, calls, finish = text[0]
+    assert content and calls == [] and finish == "length"
+    called = [message(client, stream, max_tokens=120, logit_bias={lt_token: 100}, parallel_tool_calls=False, **base)
+              for stream in (False, True)]
+    assert called[0] == called[1]
+    content, calls, finish = called[0]
+    assert content is None and finish == "tool_calls" and calls and calls[0][0] == "get_weather"
+    jsonschema.validate(json.loads(calls[0][1]), WEATHER["function"]["parameters"])
+    history = [*base["messages"], {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": calls[0][0], "arguments": calls[0][1]}}]},
+               {"role": "tool", "tool_call_id": "call_1", "content": "21 C, clear"}]
+    follow_up = message(client, False, **{**base, "messages": history}, max_tokens=8, logit_bias={lt_token: -100})
+    assert follow_up[0] and follow_up[2] in ("length", "stop")
+
+
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}],
+                         ids=["required", "named"])
+def test_a_tool_call_cut_by_max_tokens_is_the_same_partial_call_streamed_and_not(client, server, tool_choice):
+    base = {"model": server.model, "messages": [{"role": "user", "content": "Weather?"}], "seed": 1,
+            "tools": [WEATHER], "tool_choice": tool_choice, "max_tokens": 48 if tool_choice == "required" else 10}
+    whole, streamed = message(client, False, **base), message(client, True, **base)
+    assert whole == streamed
+    content, calls, finish = whole
+    assert content is None and finish == "length"
+    ((name, arguments),) = calls
+    assert name == "get_weather" and arguments.startswith("{") and "arguments" not in arguments
