@@ -518,10 +518,8 @@ def tool_reply(mode: ToolMode, text: str, reason: str | None) -> tuple[ResponseM
     calls = [ToolCall(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments)) for c in parser.calls]
     if calls and reason == FinishReason.STOP:
         reason = FinishReason.TOOL_CALLS
-    if calls:
-        content = parser.content or None
-    else:  # plain text (auto), or a required call cut before its name was complete: nothing to show
-        content = parser.content if mode.choice == "auto" else None
+    # plain text in auto mode (even ""); beside calls, or a required call cut before its name, no content
+    content = parser.content if mode.choice == "auto" and not calls else (parser.content or None)
     return ResponseMessage(content=content, tool_calls=calls or None), reason
 
 
