@@ -137,8 +137,9 @@ class FalconService:
                 log.warning("serving %s: RANDOM WEIGHTS, for trying the plumbing only; its text is noise",
                             model.tag)
             log.info("loading %s", model.tag)
-            self.engine = load_engine(model.path, SETTINGS.engine_options(),
-                                      observer=ServiceMetrics(SETTINGS.model_name))
+            metrics = ServiceMetrics(SETTINGS.model_name)
+            self.engine = load_engine(model.path, SETTINGS.engine_options(), observer=metrics)
+            metrics.set_kv_capacity(self.engine.limits.max_batch_tokens)  # KV-cache utilization's denominator
             serving.attach(self.engine)
         except BaseException as exc:  # reported by __is_alive__ so that the orchestrator restarts us
             log.exception("loading the model failed")
