@@ -6,6 +6,8 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from .engine.request import InvalidRequest
+
 # Falcon-7B-Instruct goes on writing the next dialogue turn itself; chat requests stop there by default.
 DEFAULT_CHAT_STOP: list[str] = ["\nUser:"]
 # what starts a tool call in a reply (and in the history); see api/tool_calls.py
@@ -15,8 +17,11 @@ ROLES = ("system", "user", "assistant", "tool")
 _SPEAKERS = {"user": "User", "assistant": "Assistant", "tool": "Tool result"}
 
 
-class ChatTemplateError(ValueError):
+class ChatTemplateError(InvalidRequest):
     """The messages cannot be rendered: an unknown role or a content part that is not text."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, param="messages")
 
 
 def message_text(content: str | Sequence[Mapping[str, Any]] | None) -> str:

@@ -10,10 +10,9 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..chat import ChatTemplateError
-from ..engine.engine import EngineError
+from ..engine.engine import EngineError, InvalidRequest
 from ..engine.scheduler import QueueFullError
-from .protocol import ErrorDetail, ErrorResponse
+from .protocol import ErrorDetail, ErrorResponse, new_id
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +57,9 @@ def load_failed(reason: str) -> APIError:
 
 
 def to_api_error(exc: BaseException) -> APIError:
-    """Map any failure to the error the client gets."""
+    """Map any failure to the error the client gets. Only the client's errors (`APIError`, validation,
+    `InvalidRequest`) are 4xx; anything else is the server's: a 500 with an error id that the log line
+    carries too, and no internal text (an exception's message is not the client's business)."""
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, ValidationError):
@@ -66,14 +67,16 @@ def to_api_error(exc: BaseException) -> APIError:
     if isinstance(exc, QueueFullError):
         return APIError(429, f"The server is at capacity ({exc}); retry shortly.", type="rate_limit_error",
                         code="rate_limit_exceeded", headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
-    if isinstance(exc, ChatTemplateError):
-        return bad_request(str(exc), param="messages")
-    if isinstance(exc, EngineError):
-        return APIError(500, str(exc), type="server_error", code="internal_error")
-    if isinstance(exc, ValueError):
-        return bad_request(str(exc))
-    log.exception("unexpected error", exc_info=exc)
-    return APIError(500, f"Internal server error: {type(exc).__name__}", type="server_error", code="internal_error")
+    if isinstance(exc, InvalidRequest):
+        return bad_request(str(exc), param=exc.param, code=exc.code)
+    error_id = new_id("err")
+    if isinstance(exc, EngineError):  # its message is written for the client; the engine logged the cause
+        log.error("request failed in the engine: %s (error id %s)", exc, error_id)
+        return APIError(500, f"The server failed to generate the reply: {exc} (error id {error_id}).",
+                        type="server_error", code="internal_error")
+    log.error("unexpected error (error id %s)", error_id, exc_info=exc)
+    return APIError(500, f"The server failed on this request (error id {error_id}); its log has the details.",
+                    type="server_error", code="internal_error")
 
 
 def _param(loc: tuple) -> str | None:
@@ -114,7 +117,7 @@ def install_error_handlers(app: FastAPI) -> None:
     # Each failure class gets its own handler. Anything else is caught by `CatchAll`, not by a handler
     # for `Exception`: Starlette answers that one from its outermost middleware and then re-raises,
     # which drops the client's keep-alive connection with no `Connection: close`.
-    for cls in (QueueFullError, EngineError, ValueError):
+    for cls in (QueueFullError, EngineError, InvalidRequest):
         app.add_exception_handler(cls, _mapped)
     app.add_middleware(CatchAll)
 

@@ -29,14 +29,22 @@ from .cuda_graphs import Capture, DecodeGraphs
 from .falcon import FalconRunner, context_length
 from .grammar import GrammarCompiler, GrammarLimits
 from .prefix_cache import PrefixMatch
-from .request import ChoiceEvent, EngineError, EngineObserver, FinishReason, GenerationRequest, RequestRecord
+from .request import (
+    ChoiceEvent,
+    EngineError,
+    EngineObserver,
+    FinishReason,
+    GenerationRequest,
+    InvalidRequest,
+    RequestRecord,
+)
 from .sampling import SampledOnHost, SamplingParams, TokenLogprob, sample
 from .scheduler import BatchLimits, BatchLoad, Demand, PrefillChunk, QueueFullError, Scheduler, StepPlan
 from .sequence import SequenceState
 from .stream import Outbox, RequestStream, send
 
 __all__ = [
-    "ChoiceEvent", "Engine", "EngineError", "EngineObserver", "FinishReason", "GenerationRequest",
+    "ChoiceEvent", "Engine", "EngineError", "EngineObserver", "FinishReason", "GenerationRequest", "InvalidRequest",
     "QueueFullError", "RequestRecord", "RequestStream", "SamplingParams", "TokenLogprob",
 ]
 
@@ -114,12 +122,13 @@ class Engine:
     def submit(self, request: GenerationRequest) -> RequestStream:
         """Queue a request and return its stream; raises `QueueFullError` when the queue is full."""
         if not request.prompt_ids:
-            raise ValueError("the prompt is empty")
+            raise InvalidRequest("the prompt is empty", param="prompt")
         if len(request.prompt_ids) + request.params.max_tokens > self.max_model_len:
-            raise ValueError("prompt plus max_tokens exceeds the model's context length")
+            raise InvalidRequest("prompt plus max_tokens exceeds the model's context length", param="max_tokens",
+                                 code="context_length_exceeded")
         if request.n > self.limits.max_batch_size:
-            raise ValueError(f"n={request.n} is more than the {self.limits.max_batch_size} sequences "
-                             "this server decodes at once")
+            raise InvalidRequest(f"n={request.n} is more than the {self.limits.max_batch_size} sequences "
+                                 "this server decodes at once", param="n")
         stream = RequestStream(request, asyncio.get_running_loop(), self._abort, self.observer)
         with self._wake:
             try:
@@ -184,9 +193,9 @@ class Engine:
                 elif launched:
                     self._finish(launched)
                 self._drop_done()
-            except Exception as exc:  # a failing step must not take the server down
+            except Exception:  # a failing step must not take the server down
                 log.exception("generation step failed")
-                self._fail_all(EngineError(f"generation failed: {exc}"), plan)
+                self._fail_all(EngineError("generation failed inside the engine"), plan)
             if self.observer is not None:
                 stats = self.stats()
                 self.observer.on_step(stats["waiting"], stats["running"], stats["cache_tokens"],

@@ -25,7 +25,7 @@ ERROR_CHARS = 600  # an error message from the grammar engine is cut to this man
 
 class UnsupportedGrammar(ValueError):
     """The grammar (a schema, a regex...) is invalid, too large, or uses what the grammar engine cannot do;
-    the message says which (and names the limit)."""
+    the message says which (and names the limit). (The API layer names the request field it came from.)"""
 
 
 @dataclass(frozen=True)

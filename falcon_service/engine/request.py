@@ -20,7 +20,17 @@ class FinishReason(StrEnum):
 
 
 class EngineError(RuntimeError):
-    """Generation failed inside the engine (the request gets a 500)."""
+    """Generation failed inside the engine (the request gets a 500). Its message is for the client: what
+    failed, never internal detail (that goes to the log)."""
+
+
+class InvalidRequest(ValueError):
+    """A request that cannot be served as it is: the client's to fix (a 400 naming `param`). Only this type
+    (and the API's own errors) become 400s; any other exception is the server's fault, a 500."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.param, self.code = param, code
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ is logged once."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 
@@ -119,3 +120,47 @@ async def test_an_unexpected_failure_is_a_500_object_and_not_a_dropped_connectio
     assert response.status_code == 500
     assert response.json()["error"]["type"] == "server_error"
     assert (await api.client.get("/health")).status_code == 200
+
+
+INTERNAL = 'Expecting property name enclosed in double quotes: line 1 column 2 (char 1)'
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_server_side_value_error_is_a_500_without_its_text(api, monkeypatch, stream, caplog):
+    """A `ValueError` of the server's own (here the `JSONDecodeError` that a broken tool call once raised) is
+    not the client's fault: a 500 with an error id, never a 400 carrying the exception's text."""
+    from falcon_service.api import serving as serving_module
+
+    def broken(*_, **__):
+        raise json.JSONDecodeError("Expecting property name enclosed in double quotes", "{{", 1)
+
+    target = "ChatChunks.delta" if stream else "OpenAIServing._collect"
+    owner, name = target.split(".")
+    monkeypatch.setattr(getattr(serving_module, owner), name, broken)
+    response = await api.client.post("/v1/chat/completions", json=chat_body("Hi", max_tokens=3, stream=stream))
+    if stream:
+        assert response.status_code == 200  # the stream had begun: the error is its last event
+        events = [line.removeprefix("data: ") for line in response.text.split("\n\n") if line]
+        assert events[-1] == "[DONE]"
+        error = json.loads(events[-2])["error"]
+    else:
+        assert response.status_code == 500
+        error = response.json()["error"]
+    assert error["type"] == "server_error" and error["code"] == "internal_error" and error["param"] is None
+    assert "Expecting" not in error["message"] and "JSONDecodeError" not in error["message"]
+    error_id = error["message"].split("error id ")[1].split(")")[0]
+    assert any(error_id in r.getMessage() for r in caplog.records), "the log line carries the same id"
+
+
+async def test_what_the_engine_refuses_is_a_400_naming_the_param(make_api):
+    """The engine's own checks raise `InvalidRequest` with the field: a 400 naming it (here more choices
+    than the batch has rows)."""
+    from falcon_service.engine.scheduler import BatchLimits
+
+    api = await make_api(limits=BatchLimits(max_batch_size=2, max_batch_tokens=2 * 2048, max_prefill_tokens=128,
+                                            max_queue_size=4))
+    response = await api.client.post("/v1/completions", json={"model": MODEL_NAME, "prompt": "Hi", "n": 4,
+                                                              "max_tokens": 3})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "n" and "n=4" in error["message"]
