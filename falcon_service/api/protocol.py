@@ -19,6 +19,11 @@ from ..engine.request import FinishReason
 MAX_STOP_SEQUENCES = 4
 MAX_N = 16
 MAX_TOP_LOGPROBS = 20
+# A message renders to a token at the least, and Falcon-7B's context holds 2,048: a longer list cannot fit,
+# and validating one of 100,000 held the event loop for 2.2 s. Refused before its items are validated.
+MAX_MESSAGES = 2048
+MAX_TOOLS = 128  # OpenAI's bound
+MAX_PROMPTS = 2048  # prompts in one completions request (each is queued as a request of its own)
 ChoiceT = TypeVar("ChoiceT")
 
 
@@ -226,8 +231,8 @@ class NamedToolChoice(OpenAIBaseModel):
 
 
 class ChatCompletionRequest(OpenAIRequest):
-    messages: list[ChatMessage] = Field(min_length=1)
-    tools: list[Tool] | None = None
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: SBool | None = None
     max_completion_tokens: SInt | None = Field(None, ge=1)
@@ -247,7 +252,8 @@ class ChatCompletionRequest(OpenAIRequest):
 
 
 class CompletionRequest(OpenAIRequest):
-    prompt: str | list[str] | list[SInt] | list[list[SInt]]
+    prompt: str | Annotated[list[str], Field(max_length=MAX_PROMPTS)] | list[SInt] | Annotated[
+        list[list[SInt]], Field(max_length=MAX_PROMPTS)]
     max_tokens: SInt | None = Field(16, ge=1)
     logprobs: SInt | None = Field(None, ge=0, le=5)
     echo: SBool | None = False
@@ -280,7 +286,7 @@ class ChatRequest(SamplingFields):
 
     model_config = ConfigDict(extra="forbid")
 
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
 
 
 # ---------- responses ----------

@@ -113,6 +113,8 @@ async def test_unknown_model_is_404(api, path: str):
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"logit_bias": {"5": 101}}, "logit_bias"),
         ({"messages": []}, "messages"),
+        ({"messages": [{"role": "user", "content": "x"}] * 2049}, "messages"),  # more than a context can hold
+        ({"tools": [{"type": "function", "function": {"name": f"f{i}"}} for i in range(129)]}, "tools"),
     ],
 )
 async def test_out_of_range_values_are_400_naming_the_param(api, extra: dict[str, Any], param: str):

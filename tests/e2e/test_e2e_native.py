@@ -99,3 +99,31 @@ def test_a_native_generate_client_that_hangs_up_is_aborted(server):
         assert next(chunks)
     after = wait_idle(server.url, before, aborts=1)
     assert delta(before, after, "falcon_requests_finished_total:abort") == 1
+
+
+def test_a_huge_message_list_is_refused_without_holding_up_the_server(server):
+    """100,000 messages (3.5 MB, under the body limit) held the event loop for 2.2 s while /health waited;
+    now a 400 that names the bound, refused before the messages are validated one by one."""
+    import threading
+    import time
+
+    import httpx
+
+    body = {"messages": [{"role": "user", "content": "hi"}] * 100_000, "max_tokens": 2}
+    answer: list[httpx.Response] = []
+    sender = threading.Thread(target=lambda: answer.append(httpx.post(f"{server.url}/chat", json=body, timeout=60)))
+    waits = []
+    with httpx.Client(base_url=server.url, timeout=30) as probe:
+        probe.get("/health")
+        sender.start()
+        while sender.is_alive():
+            started = time.monotonic()
+            assert probe.get("/health").status_code == 200
+            waits.append(time.monotonic() - started)
+            time.sleep(0.01)
+        sender.join()
+    (response,) = answer
+    assert response.status_code == 400, response.text[:300]
+    error = response.json()["error"]
+    assert "at most 2048 items" in error["message"] and error["param"] == "messages", error
+    assert max(waits) < 0.5, f"/health waited {max(waits):.2f} s behind the request"
