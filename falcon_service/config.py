@@ -56,7 +56,8 @@ class Settings(BaseModel):
     grammar_memory_mb: int = Field(
         1024, ge=64, description="memory one grammar compile may take, in the sandbox process (a 400 past it)")
     api_key: str | None = Field(
-        None, description="when set, requests need `Authorization: Bearer <key>` (see api_key_scope)"
+        None, description="when set, requests need `Authorization: Bearer <key>` (see api_key_scope); several keys "
+        "separated by commas: each is a tenant whose prompts share cached prefixes only with its own"
     )
     api_key_scope: Literal["api", "all"] = Field(
         "api", description="what the key guards: `api` every path but the probes, /metrics and the docs; `all` "

@@ -27,6 +27,7 @@ import bentoml
 import yaml
 from bentoml.exceptions import BentoMLException, NotFound
 
+from .api.auth import check_api_key
 from .api.errors import to_api_error
 from .api.gateway import Drain, GatewayRules
 from .api.protocol import ChatRequest, GenerateRequest
@@ -61,6 +62,11 @@ log.setLevel(SETTINGS.log_level)  # the package's loggers: model loading, aborte
 serving = OpenAIServing(SETTINGS.model_name, default_chat_stop=SETTINGS.default_chat_stop)
 openai_app = create_app(serving, SETTINGS.api_key)
 drain = Drain()
+
+
+def _tenant(ctx: bentoml.Context) -> str | None:
+    """Which API key a native call came with, when several are set (the gateway has checked it)."""
+    return check_api_key(ctx.request.headers.get("authorization"), SETTINGS.api_key)
 
 
 def _bento_error(exc: BaseException) -> BentoMLException:
@@ -168,7 +174,7 @@ class FalconService:
     async def generate(self, ctx: bentoml.Context, **params: Any) -> AsyncGenerator[str, None]:
         """Stream the completion of `prompt` as text chunks."""
         try:  # the API key was checked by the gateway (api/gateway.py), as for every route
-            chunks = await serving.generate(GenerateRequest(**params))
+            chunks = await serving.generate(GenerateRequest(**params), _tenant(ctx))
             first = await anext(chunks, None)
         except Exception as exc:
             raise _bento_error(exc) from exc
@@ -181,7 +187,7 @@ class FalconService:
     async def chat(self, ctx: bentoml.Context, **params: Any) -> dict[str, Any]:
         """Answer a conversation; returns the reply, the finish reason and token usage."""
         try:  # a client that hangs up (or times out) aborts the generation, as on /v1
-            reply = await until_disconnect(ctx.request, serving.chat_reply(ChatRequest(**params)))
+            reply = await until_disconnect(ctx.request, serving.chat_reply(ChatRequest(**params), _tenant(ctx)))
         except Exception as exc:
             raise _bento_error(exc) from exc
         return reply.model_dump(mode="json")

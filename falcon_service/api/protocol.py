@@ -178,6 +178,8 @@ class OpenAIRequest(SamplingFields):
     guided_json: dict[str, Any] | str | None = None  # vLLM's older names, extra
     guided_regex: str | None = None
     guided_choice: list[str] | None = Field(None, min_length=1)
+    # vLLM's: prompts share cached prefixes only with prompts of the same salt (privacy between callers)
+    cache_salt: str | None = Field(None, min_length=1, max_length=256)
 
     @property
     def include_usage(self) -> bool:
@@ -278,6 +280,7 @@ class GenerateRequest(SamplingFields):
 
     prompt: str = Field(min_length=1)
     max_tokens: SInt | None = Field(256, ge=1)
+    cache_salt: str | None = Field(None, min_length=1, max_length=256)
 
 
 class ChatRequest(SamplingFields):
@@ -287,6 +290,7 @@ class ChatRequest(SamplingFields):
     model_config = ConfigDict(extra="forbid")
 
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    cache_salt: str | None = Field(None, min_length=1, max_length=256)
 
 
 # ---------- responses ----------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -23,8 +23,9 @@ def _serving(request: Request) -> OpenAIServing:
     return request.app.state.serving
 
 
-def _check_api_key(request: Request) -> None:
-    check_api_key(request.headers.get("authorization"), request.app.state.api_key)
+def _tenant(request: Request) -> str | None:
+    """The key check; the caller's tenant (which key, when several are set): its prefix-cache salt."""
+    return check_api_key(request.headers.get("authorization"), request.app.state.api_key)
 
 
 async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
@@ -44,6 +45,9 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
             task.cancel()
 
 
+Tenant = Annotated[str | None, Depends(_tenant)]
+
+
 def _respond(result: BaseModel | AsyncIterator[str]) -> JSONResponse | StreamingResponse:
     if isinstance(result, BaseModel):
         return JSONResponse(result.model_dump(mode="json"))
@@ -60,22 +64,23 @@ async def _answer(request: Request, stream: bool | None, streamed: Callable[[], 
 
 
 def build_router() -> APIRouter:
-    router = APIRouter(prefix="/v1", dependencies=[Depends(_check_api_key)])
+    router = APIRouter(prefix="/v1", dependencies=[Depends(_tenant)])
 
     @router.get("/models")
     async def models(request: Request) -> JSONResponse:
         return JSONResponse(_serving(request).models().model_dump())
 
     @router.post("/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request):
+    async def chat_completions(body: ChatCompletionRequest, request: Request, tenant: Tenant):
         serving = _serving(request)
-        return await _answer(request, body.stream, lambda: serving.chat_stream(body), lambda: serving.chat(body))
+        return await _answer(request, body.stream, lambda: serving.chat_stream(body, tenant),
+                             lambda: serving.chat(body, tenant))
 
     @router.post("/completions")
-    async def completions(body: CompletionRequest, request: Request):
+    async def completions(body: CompletionRequest, request: Request, tenant: Tenant):
         serving = _serving(request)
-        return await _answer(request, body.stream, lambda: serving.completion_stream(body),
-                             lambda: serving.completion(body))
+        return await _answer(request, body.stream, lambda: serving.completion_stream(body, tenant),
+                             lambda: serving.completion(body, tenant))
 
     @router.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
     async def unknown(path: str) -> JSONResponse:

@@ -90,6 +90,14 @@ class TextChunks:
         return f"{self._head}{index}{self._field}{_json(text)}{self._tail}"
 
 
+def cache_salt(body: OpenAIRequest, tenant: str | None) -> str | None:
+    """What a request's prompt shares cached prefixes under: its `cache_salt`, within its tenant (the API key it
+    came with, when there are several)."""
+    if tenant is None:
+        return body.cache_salt
+    return f"{tenant}:{body.cache_salt or ''}"
+
+
 def _json(value: str) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
@@ -209,7 +217,7 @@ class OpenAIServing:
             self._token_chars = max((len(t) for t in vocab), default=1)
         return self._token_chars
 
-    async def _prepare_chat(self, body: ChatCompletionRequest) -> _Prepared:
+    async def _prepare_chat(self, body: ChatCompletionRequest, tenant: str | None) -> _Prepared:
         engine = self._check_common(body)
         found = constraint(body)
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
@@ -231,9 +239,10 @@ class OpenAIServing:
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         params = self._params(body, len(ids), body.max_new_tokens, stop, logprobs,
                               "max_completion_tokens" if body.max_completion_tokens else "max_tokens", grammar)
-        return _Prepared([GenerationRequest(tuple(ids), params, body.n or 1, new_id("req"))], [prompt], tool)
+        return _Prepared([GenerationRequest(tuple(ids), params, body.n or 1, new_id("req"), cache_salt(body, tenant))],
+                         [prompt], tool)
 
-    async def _prepare_completion(self, body: CompletionRequest) -> _Prepared:
+    async def _prepare_completion(self, body: CompletionRequest, tenant: str | None) -> _Prepared:
         engine = self._check_common(body)
         grammar = await self._grammar(engine, constraint(body))
         if body.echo and body.logprobs is not None:
@@ -261,7 +270,7 @@ class OpenAIServing:
                 raise bad_request("prompt must not be empty", param="prompt")
             params = self._params(body, len(ids), body.max_new_tokens, body.stop_list(), body.logprobs, "max_tokens",
                                   grammar)
-            requests.append(GenerationRequest(tuple(ids), params, body.n or 1, new_id("req")))
+            requests.append(GenerationRequest(tuple(ids), params, body.n or 1, new_id("req"), cache_salt(body, tenant)))
             texts.append(text)
         return _Prepared(requests, texts)
 
@@ -389,8 +398,8 @@ class OpenAIServing:
 
     # ---------- chat ----------
 
-    async def chat(self, body: ChatCompletionRequest) -> ChatCompletionResponse:
-        prepared = await self._prepare_chat(body)
+    async def chat(self, body: ChatCompletionRequest, tenant: str | None = None) -> ChatCompletionResponse:
+        prepared = await self._prepare_chat(body, tenant)
         streams = self._submit(prepared)
         n = body.n or 1
         texts, logprobs, finish = await self._collect(streams, [""] * n)
@@ -404,17 +413,17 @@ class OpenAIServing:
         return ChatCompletionResponse(id=new_id("chatcmpl"), created=now(), model=self.model_name,
                                       choices=choices, usage=self._usage(streams))
 
-    async def chat_stream(self, body: ChatCompletionRequest) -> AsyncIterator[str]:
+    async def chat_stream(self, body: ChatCompletionRequest, tenant: str | None = None) -> AsyncIterator[str]:
         """Validate and submit now (errors raise before any byte is sent); return the SSE lines."""
-        prepared = await self._prepare_chat(body)
+        prepared = await self._prepare_chat(body, tenant)
         streams = self._submit(prepared)
         chunks = ChatChunks(self, body) if prepared.tool is None else ToolCallChunks(self, body, prepared.tool)
         return self._sse(streams, chunks)
 
     # ---------- completions ----------
 
-    async def completion(self, body: CompletionRequest) -> CompletionResponse:
-        prepared = await self._prepare_completion(body)
+    async def completion(self, body: CompletionRequest, tenant: str | None = None) -> CompletionResponse:
+        prepared = await self._prepare_completion(body, tenant)
         streams = self._submit(prepared)
         n = body.n or 1
         total = n * len(streams)
@@ -428,17 +437,17 @@ class OpenAIServing:
         return CompletionResponse(id=new_id("cmpl"), created=now(), model=self.model_name, choices=choices,
                                   usage=self._usage(streams))
 
-    async def completion_stream(self, body: CompletionRequest) -> AsyncIterator[str]:
-        prepared = await self._prepare_completion(body)
+    async def completion_stream(self, body: CompletionRequest, tenant: str | None = None) -> AsyncIterator[str]:
+        prepared = await self._prepare_completion(body, tenant)
         streams = self._submit(prepared)
         return self._sse(streams, CompletionChunks(self, body, prepared.prompt_texts, len(streams)))
 
     # ---------- the native BentoML APIs ----------
 
-    async def generate(self, body: GenerateRequest) -> AsyncIterator[str]:
+    async def generate(self, body: GenerateRequest, tenant: str | None = None) -> AsyncIterator[str]:
         """Plain text deltas of the completion of one prompt (validated and submitted now)."""
         request = CompletionRequest(model=self.model_name, **body.model_dump(exclude_none=True))
-        streams = self._submit(await self._prepare_completion(request))
+        streams = self._submit(await self._prepare_completion(request, tenant))
         return self._text(streams)
 
     async def _text(self, streams: list[RequestStream]) -> AsyncIterator[str]:
@@ -449,10 +458,10 @@ class OpenAIServing:
         finally:
             self._abort_unfinished(streams)
 
-    async def chat_reply(self, body: ChatRequest) -> ChatReply:
+    async def chat_reply(self, body: ChatRequest, tenant: str | None = None) -> ChatReply:
         """One reply to a conversation, with its finish reason and usage."""
         request = ChatCompletionRequest(model=self.model_name, **body.model_dump(exclude_none=True))
-        response = await self.chat(request)
+        response = await self.chat(request, tenant)
         choice = response.choices[0]
         return ChatReply(reply=choice.message.content or "", finish_reason=choice.finish_reason,
                          usage=response.usage)

@@ -105,9 +105,9 @@ class RunningBatch:
 
     # ---- prefixes ----
 
-    def lookup(self, prompt: Seq[int]) -> PrefixMatch | None:
-        """The longest cached start of `prompt` (in whole blocks; never the whole prompt), if any."""
-        return self.prefixes.lookup(prompt) if self.prefixes is not None else None
+    def lookup(self, prompt: Seq[int], salt: int = 0) -> PrefixMatch | None:
+        """The longest cached start of `prompt` under `salt` (in whole blocks; never the whole prompt), if any."""
+        return self.prefixes.lookup(prompt, salt) if self.prefixes is not None else None
 
     def _valid(self, match: PrefixMatch | None) -> PrefixMatch | None:
         """`match`, if its prefix is still held (making room may have evicted it)."""
@@ -192,9 +192,9 @@ class RunningBatch:
             self.idle[target] = length
             self.idle_lineages[target] = self.idle_lineages.pop(row, self._new_lineage(0))
 
-    def _keep(self, row: int, length: int, tokens: Seq[int]) -> None:
-        """Keep the finished running row `row` (its first `length` of `tokens`) in an idle row, if there is room
-        or a less recently used idle row to give way."""
+    def _keep(self, row: int, length: int, tokens: Seq[int], salt: int) -> None:
+        """Keep the finished running row `row` (its first `length` of `tokens`, under `salt`) in an idle row, if
+        there is room or a less recently used idle row to give way."""
         assert self.prefixes is not None
         target = self._free_row(range(0))
         if target is None:
@@ -203,20 +203,20 @@ class RunningBatch:
                 return
             self._evict(target)
         self.runner.cache.copy_row(row, target, length)
-        self.prefixes.put(target, tokens[:length])
+        self.prefixes.put(target, tokens[:length], salt)
         self.idle[target] = length
         self.idle_lineages[target] = self.lineages[row]
 
     # ---- steps ----
 
-    def add(self, prompts: Seq[Seq[int]], repeats: Seq[int], matches: Seq[PrefixMatch | None] | None = None
-            ) -> torch.Tensor:
+    def add(self, prompts: Seq[Seq[int]], repeats: Seq[int], matches: Seq[PrefixMatch | None] | None = None,
+            salts: Seq[int] | None = None) -> torch.Tensor:
         """Prefill each prompt once into new rows at the end (after what `matches` says is cached); prompt
-        i then fills `repeats[i]` rows (n choices share the prefill). Returns the next-token logits, one
-        row per new row."""
+        i then fills `repeats[i]` rows (n choices share the prefill), indexed under `salts[i]`. Returns the
+        next-token logits, one row per new row."""
         firsts, chunks, offsets, lineages = self._place(prompts, repeats, matches)
         logits = self.runner.prefill(firsts, chunks, offsets)
-        return self._fill(firsts, prompts, repeats, logits, lineages)
+        return self._fill(firsts, prompts, repeats, logits, lineages, salts)
 
     def step(self, tokens: Seq[int] | None = None) -> torch.Tensor:
         """Feed one token per row (rows 0..size-1; by default the tokens set with `set_tokens`);
@@ -230,7 +230,8 @@ class RunningBatch:
         return logits
 
     def step_and_add(self, tokens: Seq[int] | None, prompts: Seq[Seq[int]], repeats: Seq[int],
-                     matches: Seq[PrefixMatch | None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     matches: Seq[PrefixMatch | None] | None = None, salts: Seq[int] | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`step` for the running rows and `add` for new prompts, in one pass over the weights."""
         if tokens is not None:
             self.set_tokens(0, tokens)
@@ -238,7 +239,7 @@ class RunningBatch:
         firsts, chunks, offsets, lineages = self._place(prompts, repeats, matches)
         decoded, prefilled = self.runner.decode_and_prefill(count, width, firsts, chunks, offsets, shared)
         self._advance()
-        return decoded, self._fill(firsts, prompts, repeats, prefilled, lineages)
+        return decoded, self._fill(firsts, prompts, repeats, prefilled, lineages, salts)
 
     def _advance(self) -> None:
         self.runner.lengths[: self.size] += 1
@@ -266,13 +267,14 @@ class RunningBatch:
         return firsts, chunks, offsets, lineages
 
     def _fill(self, firsts: list[int], prompts: Seq[Seq[int]], repeats: Seq[int], logits: torch.Tensor,
-              lineages: Seq[tuple[int, int]]) -> torch.Tensor:
+              lineages: Seq[tuple[int, int]], salts: Seq[int] | None) -> torch.Tensor:
         """Copy each prefilled row to its repeats; returns the logits, one row per new row."""
-        for first, prompt, r, lineage in zip(firsts, prompts, repeats, lineages, strict=True):
+        salts = salts if salts is not None else [0] * len(prompts)
+        for first, prompt, r, lineage, salt in zip(firsts, prompts, repeats, lineages, salts, strict=True):
             for row in range(first, first + r):
                 self.runner.cache.copy_row(first, row, len(prompt))
                 if self.prefixes is not None:
-                    self.prefixes.put(row, prompt)
+                    self.prefixes.put(row, prompt, salt)
             self.lengths += [len(prompt)] * r
             self.lineages += [lineage] * r
         self._sync_buffers()
@@ -292,26 +294,26 @@ class RunningBatch:
             self._staged_lineage = None
         return self.runner.prefill([self.staging_row], [chunk], [offset])
 
-    def adopt_staged(self, prompt: Seq[int], repeats: int) -> None:
+    def adopt_staged(self, prompt: Seq[int], repeats: int, salt: int = 0) -> None:
         """The staged prompt joins the batch, in `repeats` new rows at the end."""
         self._make_room(repeats)
         for row in range(self.size, self.size + repeats):
             self.runner.cache.copy_row(self.staging_row, row, len(prompt))
             if self.prefixes is not None:
-                self.prefixes.put(row, prompt)
+                self.prefixes.put(row, prompt, salt)
         self.lengths += [len(prompt)] * repeats
         self.lineages += [self._staged_lineage or self._new_lineage(len(prompt))] * repeats
         self._staged_lineage = None
         self._sync_buffers()
 
-    def remove(self, rows: Seq[int], keep: dict[int, Seq[int]] | None = None) -> list[int]:
+    def remove(self, rows: Seq[int], keep: dict[int, tuple[Seq[int], int]] | None = None) -> list[int]:
         """Free the given rows; `keep` gives, for rows whose prefix is worth keeping, the tokens they hold
-        (prompt and output). Returns `order`: row i now holds what row `order[i]` held."""
+        (prompt and output) and their salt. Returns `order`: row i now holds what row `order[i]` held."""
         order = list(range(self.size))
         for row in sorted(set(rows), reverse=True):
             if self.prefixes is not None:
                 if keep and row in keep:
-                    self._keep(row, self.lengths[row], keep[row])
+                    self._keep(row, self.lengths[row], *keep[row])
                 self.prefixes.drop(row)
             last = len(order) - 1
             if row != last:

@@ -28,7 +28,7 @@ from .batch import RunningBatch
 from .cuda_graphs import Capture, DecodeGraphs
 from .falcon import FalconRunner, context_length
 from .grammar import GrammarCompiler, GrammarLimits
-from .prefix_cache import PrefixMatch
+from .prefix_cache import PrefixMatch, salt_key
 from .request import (
     ChoiceEvent,
     EngineError,
@@ -222,14 +222,15 @@ class Engine:
         caching their rows' tokens are kept for reuse while there is room."""
         rows = [i for i, s in enumerate(self._sequences) if s.done]
         if rows:
-            keep = {i: self._sequences[i].tokens for i in rows} if self.prefix_caching else None
+            keep = {i: (self._sequences[i].tokens, salt_key(self._sequences[i].stream.request.cache_salt))
+                    for i in rows} if self.prefix_caching else None
             order = self._batch.remove(rows, keep)
             self._sequences = [self._sequences[i] for i in order]
 
     def _to_prefill(self, stream: RequestStream) -> int:
         """Prompt tokens of `stream` that need computing: those the prefix cache does not hold."""
         if stream not in self._matches:
-            self._matches[stream] = self._batch.lookup(stream.request.prompt_ids)
+            self._matches[stream] = self._batch.lookup(stream.request.prompt_ids, salt_key(stream.request.cache_salt))
         match = self._matches[stream]
         return len(stream.request.prompt_ids) - (match.length if match is not None else 0)
 
@@ -243,11 +244,12 @@ class Engine:
             prompts = [s.request.prompt_ids for s in plan.admitted]
             repeats = [s.request.n for s in plan.admitted]
             matches = [self._match(s) for s in plan.admitted]
+            salts = [salt_key(s.request.cache_salt) for s in plan.admitted]
             if decoding:  # the running batch decodes in the same pass over the weights
-                decoded, prefilled = self._batch.step_and_add(None, prompts, repeats, matches)
+                decoded, prefilled = self._batch.step_and_add(None, prompts, repeats, matches, salts)
                 logits = torch.cat([decoded, prefilled])
             else:
-                logits = self._batch.add(prompts, repeats, matches)
+                logits = self._batch.add(prompts, repeats, matches, salts)
             new = self._join(plan.admitted)
             self._sample(decoding + new, logits, first_row=0)
         elif decoding:
@@ -262,7 +264,7 @@ class Engine:
         if not chunk.last:
             return
         n = stream.request.n
-        self._batch.adopt_staged(prompt, n)
+        self._batch.adopt_staged(prompt, n, salt_key(stream.request.cache_salt))
         new = self._join([stream])
         self._sample(new, logits.expand(n, -1), first_row=len(self._sequences) - n)
 

@@ -6,6 +6,10 @@ block i-1's key and block i's tokens, so one key stands for the whole prefix up 
 lookup walks the prompt's keys until one is missing: its cost grows with the prompt's length, not
 with the number of rows. The tokens of the row found are compared before it is trusted (a hash
 collision costs a miss, never a wrong answer). Idle rows are evicted least recently used first.
+
+A salt (vLLM's `cache_salt`, or the API key when several are configured) starts a prefix's chain of keys:
+prompts of different salts never share a row, so one caller cannot learn from `cached_tokens` (or timing)
+what another one's prompts held.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ class Prefix:
     tokens: list[int]
     keys: list[int] = field(default_factory=list)
     last_used: int = 0
+    salt: int = 0
 
 
 @dataclass(frozen=True)
@@ -33,6 +38,11 @@ class PrefixMatch:
 
     prefix: Prefix
     length: int
+
+
+def salt_key(salt: str | None) -> int:
+    """The start of a salted prefix's chain of keys (0: no salt)."""
+    return 0 if salt is None else hash(("cache_salt", salt)) or 1
 
 
 def block_keys(tokens: Seq[int], start: int = 0, previous: int = 0) -> list[int]:
@@ -62,28 +72,28 @@ class PrefixCache:
     def get(self, row: int) -> Prefix | None:
         return self._by_row.get(row)
 
-    def lookup(self, prompt: Seq[int]) -> PrefixMatch | None:
-        """The longest cached prefix of `prompt` in whole blocks, leaving at least its last token to compute
-        (its logits are what the request needs)."""
+    def lookup(self, prompt: Seq[int], salt: int = 0) -> PrefixMatch | None:
+        """The longest cached prefix of `prompt` (of the same `salt`) in whole blocks, leaving at least its last
+        token to compute (its logits are what the request needs)."""
         found: Prefix | None = None
         blocks = 0
-        for i, key in enumerate(block_keys(prompt[: len(prompt) - 1])):
+        for i, key in enumerate(block_keys(prompt[: len(prompt) - 1], previous=salt)):
             rows = self._index.get(key)
             if not rows:
                 break
             # a row that holds block i holds blocks 0..i too: the key chains them
             found, blocks = self._by_row[next(iter(rows))], i + 1
         length = blocks * BLOCK
-        if found is None or found.tokens[:length] != list(prompt[:length]):
+        if found is None or found.salt != salt or found.tokens[:length] != list(prompt[:length]):
             return None  # nothing cached, or a hash collision: a miss, never a wrong answer
         found.last_used = next(self._clock)
         return PrefixMatch(found, length)
 
-    def put(self, row: int, tokens: Seq[int]) -> Prefix:
+    def put(self, row: int, tokens: Seq[int], salt: int = 0) -> Prefix:
         """Row `row` now holds `tokens` (a running sequence's prompt, or a finished one's prompt and output
-        kept for reuse); whatever it held before is forgotten. It counts as just used."""
+        kept for reuse) under `salt`; whatever it held before is forgotten. It counts as just used."""
         self.drop(row)
-        prefix = Prefix(row, list(tokens), block_keys(tokens), next(self._clock))
+        prefix = Prefix(row, list(tokens), block_keys(tokens, previous=salt), next(self._clock), salt)
         self._by_row[row] = prefix
         for key in prefix.keys:
             self._index.setdefault(key, set()).add(row)

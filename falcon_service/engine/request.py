@@ -41,6 +41,7 @@ class GenerationRequest:
     params: SamplingParams
     n: int = 1
     request_id: str = ""
+    cache_salt: str | None = None  # prompts share cached prefixes only with prompts of the same salt
 
 
 @dataclass

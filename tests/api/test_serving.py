@@ -18,19 +18,19 @@ def chat(**fields) -> ChatCompletionRequest:
 
 
 async def test_default_chat_stop_is_added_and_can_be_turned_off(api) -> None:
-    stop = (await api.serving._prepare_chat(chat(stop="END"))).requests[0].params.stop
+    stop = (await api.serving._prepare_chat(chat(stop="END"), None)).requests[0].params.stop
     assert list(stop) == ["END", *DEFAULT_CHAT_STOP]
-    off = (await api.serving._prepare_chat(chat(stop="END", default_stop=False))).requests[0].params.stop
+    off = (await api.serving._prepare_chat(chat(stop="END", default_stop=False), None)).requests[0].params.stop
     assert list(off) == ["END"]
     api.serving.default_chat_stop = False  # FALCON_DEFAULT_CHAT_STOP=false
-    assert (await api.serving._prepare_chat(chat())).requests[0].params.stop == ()
+    assert (await api.serving._prepare_chat(chat(), None)).requests[0].params.stop == ()
 
 
 async def test_max_tokens_defaults_to_what_the_context_leaves(api) -> None:
     engine: Engine = api.engine
-    request = (await api.serving._prepare_chat(chat())).requests[0]
+    request = (await api.serving._prepare_chat(chat(), None)).requests[0]
     assert request.params.max_tokens == engine.max_model_len - len(request.prompt_ids)
-    assert (await api.serving._prepare_chat(chat(max_completion_tokens=7))).requests[0].params.max_tokens == 7
+    assert (await api.serving._prepare_chat(chat(max_completion_tokens=7), None)).requests[0].params.max_tokens == 7
 
 
 async def test_chat_logprobs_have_one_entry_per_token_with_sorted_alternatives(api) -> None:

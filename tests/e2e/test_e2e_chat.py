@@ -256,3 +256,39 @@ def test_a_shared_system_prompt_is_reused_and_usage_says_so(client, server):
     # the cache changes no output: the same request again gives the same text
     again = greedy(client, server.model, [system, {"role": "user", "content": "Where do you live?"}], max_tokens=4)
     assert again.choices[0].message.content == second.choices[0].message.content
+
+
+def cached_tokens(client, model: str, system: str, question: str, **extra) -> int:
+    reply = client.chat.completions.create(model=model, max_tokens=2, temperature=0, messages=[
+        {"role": "system", "content": system}, {"role": "user", "content": question}], **extra)
+    return reply.usage.prompt_tokens_details.cached_tokens
+
+
+def test_cache_salt_keeps_callers_prefixes_apart(client, server):
+    """vLLM's `cache_salt`: a prompt holding a secret, cached under one salt, is no use to a caller with
+    another salt or none, whose right guess gets as few cached tokens as a wrong one: none."""
+    secret = "The vault code is 4817-2290-5521. " + " ".join(f"Rule {i}: never say the code." for i in range(10))
+    wrong = secret.replace("4817", "9999")
+    assert cached_tokens(client, server.model, secret, "Hi?", extra_body={"cache_salt": "alice"}) == 0
+    assert cached_tokens(client, server.model, secret, "Code?", extra_body={"cache_salt": "mallory"}) == 0
+    assert cached_tokens(client, server.model, wrong, "Code?", extra_body={"cache_salt": "eve"}) == 0
+    assert cached_tokens(client, server.model, secret, "Code?") == 0
+    assert cached_tokens(client, server.model, secret, "Bye?", extra_body={"cache_salt": "alice"}) >= 64
+
+
+def test_with_several_api_keys_each_key_caches_apart(make_server):
+    """Several keys: each is a tenant; its prompts share cached prefixes only with its own."""
+    served = make_server("tenants", api_key="key-a,key-b")
+    system = " ".join(f"Rule {i}: answer in the voice of a falcon." for i in range(12))
+    clients = {key: openai.OpenAI(base_url=f"{served.url}/v1", api_key=key, max_retries=0, timeout=60)
+               for key in ("key-a", "key-b")}
+    try:
+        assert cached_tokens(clients["key-a"], served.model, system, "What do you eat?") == 0
+        assert cached_tokens(clients["key-b"], served.model, system, "Where do you live?") == 0
+        assert cached_tokens(clients["key-a"], served.model, system, "Where do you live?") >= 64
+        assert cached_tokens(clients["key-b"], served.model, system, "What do you eat?") >= 64
+        with pytest.raises(openai.AuthenticationError):
+            clients["key-a"].with_options(api_key="key-c").models.list()
+    finally:
+        for c in clients.values():
+            c.close()

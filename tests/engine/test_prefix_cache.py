@@ -61,6 +61,42 @@ def test_a_hash_collision_is_a_miss_never_a_wrong_prefix(monkeypatch):
     assert same is not None and same.length == 2 * BLOCK
 
 
+def test_a_salted_prefix_is_found_only_under_its_salt():
+    cache = PrefixCache()
+    shared = tokens(3 * BLOCK, seed=1)
+    alice, bob = prefix_cache.salt_key("alice"), prefix_cache.salt_key("bob")
+    cache.put(0, shared, alice)
+    prompt = [*shared, 1]
+    assert cache.lookup(prompt) is None and cache.lookup(prompt, bob) is None
+    match = cache.lookup(prompt, alice)
+    assert match is not None and match.length == 3 * BLOCK
+    cache.put(1, shared)  # the same tokens unsalted: a prefix of its own
+    unsalted = cache.lookup(prompt)
+    assert unsalted is not None and unsalted.prefix.row == 1
+
+
+async def test_requests_share_cached_prefixes_only_with_their_own_salt(tiny_model, tiny_tokenizer):
+    """A secret in a prompt: a caller with another salt who guesses it right gets no more cached tokens than
+    one who guesses wrong, none (so `cached_tokens` tells nothing); the same salt reuses the prefix."""
+    secret = tokens(3 * BLOCK, seed=7)
+    wrong = [*secret[: BLOCK + 3], 999, *secret[BLOCK + 4:]]
+    engine = Engine(tiny_model, tiny_tokenizer, LIMITS, prefix_caching=True)
+
+    async def cached(prompt: list[int], salt: str | None) -> int:
+        stream = engine.submit(GenerationRequest((*prompt, 5, 6), SamplingParams(max_tokens=2), cache_salt=salt))
+        await collect(stream)
+        return stream.cached_tokens
+
+    try:
+        assert await cached(secret, "alice") == 0
+        assert await cached(secret, "mallory") == 0  # the right guess, under another salt: nothing of alice's
+        assert await cached(wrong, "eve") == 0
+        assert await cached(secret, None) == 0
+        assert await cached(secret, "alice") >= 3 * BLOCK - BLOCK
+    finally:
+        engine.shutdown()
+
+
 def test_moves_and_drops_keep_the_index_exact():
     cache = PrefixCache()
     a, b = tokens(2 * BLOCK, seed=1), tokens(3 * BLOCK, seed=2)
@@ -113,7 +149,7 @@ def test_a_reused_prefix_gives_the_logits_of_computing_it(tiny_model):
     assert calls[-1] == ([2 * BLOCK], [len(second) - 2 * BLOCK])  # only the rest was computed
     torch.testing.assert_close(logits[0], reference_logits(tiny_model, second), atol=ATOL, rtol=0)
     # both leave; the second's prefix is kept in an idle row; a third prompt reuses it from there
-    batch.remove([0, 1], keep={0: first, 1: second})
+    batch.remove([0, 1], keep={0: (first, 0), 1: (second, 0)})
     assert batch.size == 0 and sorted(batch.idle.values()) == [len(first), len(second)]
     third = [*second, *tokens(4, seed=4)]
     match = batch.lookup(third)
@@ -130,7 +166,7 @@ def test_idle_rows_give_way_least_recently_used_first_and_running_rows_never(tin
     batch = RunningBatch(runner, prefix_caching=True)
     prompts = [tokens(BLOCK + 4, seed=s) for s in range(6)]
     batch.add(prompts[:3], [1, 1, 1])
-    batch.remove([0, 1, 2], keep={i: prompts[i] for i in range(3)})
+    batch.remove([0, 1, 2], keep={i: (prompts[i], 0) for i in range(3)})
     assert len(batch.idle) == 3  # rows 1..3 of the pool (the top first)
     batch.lookup([*prompts[2], 1])  # prompt 2 used again: 0 and 1 are older
     batch.add(prompts[3:6], [1, 1, 1])  # three running rows: the pool keeps only one idle row
