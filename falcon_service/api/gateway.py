@@ -43,13 +43,19 @@ class GatewayRules:
     route_prefixes: tuple[str, ...] = ()  # and paths under these (static assets)
     open_paths: frozenset[str] = frozenset()  # docs and metrics: without the key when key_scope is "api"
     native_apis: frozenset[str] = frozenset()  # BentoML's own APIs: JSON in, their errors rewritten
+    # paths users try for the docs (FastAPI's and vLLM's names), answered with a redirect to ours; under the
+    # key's rules of the docs
+    aliases: tuple[tuple[str, str], ...] = (("/docs", "/"), ("/redoc", "/"), ("/openapi.json", "/docs.json"))
 
     def known(self, path: str) -> bool:
-        return path in self.routes or path.startswith(self.route_prefixes)
+        return path in self.routes or path.startswith(self.route_prefixes) or self.alias(path) is not None
+
+    def alias(self, path: str) -> str | None:
+        return next((target for alias, target in self.aliases if alias == path), None)
 
     def open(self, path: str) -> bool:
         """Served without the key (probes always; docs, their assets and metrics with key_scope "api")."""
-        return path in PROBES or (self.key_scope == "api" and (path in self.open_paths
+        return path in PROBES or (self.key_scope == "api" and (path in self.open_paths or self.alias(path) is not None
                                                                or path.startswith(self.route_prefixes)))
 
 
@@ -106,6 +112,11 @@ class Gateway:
         refusal = self._refusal(path, headers)
         if refusal is not None:
             await _send_error(send, refusal)
+            return
+        if (target := self.rules.alias(path)) is not None:
+            await send({"type": "http.response.start", "status": 307,
+                        "headers": [(b"location", target.encode()), (b"content-length", b"0")]})
+            await send({"type": "http.response.body", "body": b""})
             return
         self.drain.in_flight += 1
         try:

@@ -64,8 +64,8 @@ def test_the_key_comes_first_and_guards_docs_and_metrics_when_asked(edge_server)
     bad_body_no_key = httpx.post(f"{url}/v1/chat/completions", content=b"{not json", timeout=30,
                                  headers={"content-type": "application/json"})
     assert_openai_error(bad_body_no_key, 401)
-    for path in ("/metrics", "/docs.json", "/schema.json", "/", "/v1/openapi.json", "/v1/models",
-                 "/no/such/path"):
+    for path in ("/metrics", "/docs.json", "/schema.json", "/", "/v1/openapi.json", "/docs", "/redoc", "/openapi.json",
+                 "/v1/models", "/no/such/path"):
         assert_openai_error(httpx.get(f"{url}{path}", timeout=30), 401)
     for probe in ("/livez", "/readyz", "/health"):  # orchestrators need no key
         assert httpx.get(f"{url}{probe}", timeout=30).status_code == 200
@@ -164,3 +164,22 @@ def test_a_lone_surrogate_is_a_400_and_the_connection_serves_the_next_request(se
         assert "surrogate" in error["message"]
         again = c.post("/v1/chat/completions", json={"model": server.model, "messages": HELLO, "max_tokens": 2})
         assert again.status_code == 200
+
+
+DOCS = {"/": 200, "/docs.json": 200, "/schema.json": 200, "/v1/openapi.json": 200,
+        "/docs": 307, "/redoc": 307, "/openapi.json": 307}
+
+
+def test_every_docs_path_answers_alike_without_the_key(guarded_server):
+    """With a key that guards the API (scope "api"), every docs path is open, the usual names included
+    (they redirect to the docs); the API and unknown paths still need the key."""
+    with httpx.Client(base_url=guarded_server.url, timeout=30) as c:
+        for path, status in DOCS.items():
+            response = c.get(path)
+            assert response.status_code == status, (path, response.text[:200])
+            if status == 307:
+                assert c.get(path, follow_redirects=True).status_code == 200
+        assert c.get("/openapi.json", follow_redirects=True).json()["paths"].keys() >= {
+            "/v1/chat/completions", "/v1/completions", "/generate", "/chat"}
+        for path in ("/v1/models", "/no/such/docs"):
+            assert_openai_error(c.get(path), 401)
