@@ -11,8 +11,10 @@ Only what serving needs is stored: config, generation config, tokenizer files an
 format (safetensors when there is any); never remote-code `*.py` files, since transformers
 supports Falcon natively. Each model is labelled with its source, its revision (commit sha,
 content hash or random-preset id) and whether its weights are random. Importing the same
-revision under the same name again reuses the stored model. The last line of stdout is the tag.
-The store is the one in BENTOML_HOME (or `bentoml_home=` in the functions below).
+revision under the same name again reuses the stored model: a Hub commit (`--revision SHA`) is
+looked up in the store before the Hub is asked anything, so a restart with a pinned revision works
+while the Hub is down. The last line of stdout is the tag. The store is the one in BENTOML_HOME (or
+`bentoml_home=` in the functions below).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -176,13 +179,16 @@ def _note(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    """Hard-link when possible (no second copy of many GiB on disk), else copy."""
-    src = src.resolve()  # the Hub cache holds symlinks to blobs
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
+def is_commit(revision: str) -> bool:
+    """Whether `revision` names a Hub commit (a full sha), which never moves, rather than a branch or tag."""
+    return re.fullmatch(r"[0-9a-f]{40}", revision) is not None
+
+
+def _link(src: Path, dst: Path) -> None:
+    """A symbolic link to the file itself (the Hub cache holds symlinks to blobs): BentoML builds the
+    model in a temporary folder and copies it into the store, following links, so the temporary folder
+    holds no weights and may lie on another file system (an emptyDir) than the store."""
+    os.symlink(src.resolve(), dst)
 
 
 def import_checkpoint(
@@ -223,8 +229,10 @@ def import_checkpoint(
         "total_bytes": sum((src / f).stat().st_size for f in files),
     }
     with bentoml.models.create(name, labels=labels, metadata=info, **_store_kwargs(bentoml_home)) as model:
+        building = Path(model.path)  # a temporary folder (TMPDIR); the store gets a copy at the end
         for f in files:
-            _link_or_copy(src / f, Path(model.path) / f)
+            _link(src / f, building / f)
+    shutil.rmtree(building, ignore_errors=True)  # BentoML leaves it behind
     _note(f"imported {source} (revision {revision}) as {model.tag}")
     return model.tag
 
@@ -286,10 +294,15 @@ def import_from_hub(
 ) -> bentoml.Tag:
     """Download the serving files of `model_id` at `revision` (resolved to a commit sha) and import them.
 
-    Files go to the Hugging Face cache (resumable, honours HF_HOME) unless `download_dir` is given.
+    A commit that is already in the store under `name` is returned without asking the Hub (a branch or
+    tag must be resolved first: it may have moved). Files go to the Hugging Face cache (resumable,
+    honours HF_HOME and HF_TOKEN / HF_TOKEN_PATH) unless `download_dir` is given.
     """
     import huggingface_hub as hf
 
+    if is_commit(revision) and (stored := find_existing(name, revision, bentoml_home)) is not None:
+        _note(f"{stored} already exists ({model_id} at {revision}); the Hub was not asked")
+        return stored
     api = hf.HfApi()
     info = api.model_info(model_id, revision=revision)
     sha = info.sha
@@ -339,7 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--tiny", action="store_true", help="random-weight tiny checkpoint (= --preset tiny)")
     source.add_argument("--preset", choices=sorted(PRESETS), help="random-weight checkpoint of this size")
     parser.add_argument("--model-id", help=f"Hugging Face Hub repository (default {DEFAULT_MODEL_ID})")
-    parser.add_argument("--revision", help=f"Hub branch, tag or commit (default {DEFAULT_REVISION})")
+    parser.add_argument("--revision", help=f"Hub branch, tag or commit (default {DEFAULT_REVISION}); a commit "
+                        "already in the store is used without asking the Hub")
     parser.add_argument("--download-dir", help="download the Hub files here instead of the HF cache")
     parser.add_argument("--seed", type=int, help="seed of a random preset (default 0)")
     parser.add_argument("--device", choices=["cuda", "cpu"],

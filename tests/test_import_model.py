@@ -38,13 +38,14 @@ def tiny_dir(tiny_checkpoint: Path) -> Path:
     return tiny_checkpoint
 
 
-def run_cli(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def run_cli(home: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """`python import_model.py ARGS` against the store in `home`, never the network."""
     env = {
         **os.environ,
         "BENTOML_HOME": str(home),
         "BENTOML_DO_NOT_TRACK": "True",
         "HF_HUB_OFFLINE": "1",
+        **(env or {}),
     }
     return subprocess.run(
         [sys.executable, str(SCRIPT), *args],
@@ -299,3 +300,70 @@ def test_a_falcon_7b_sized_tokenizer_decodes_every_id_to_text() -> None:
 def test_random_weights_on_another_device_are_another_revision() -> None:
     assert random_checkpoint_revision("tiny", 0, "cuda") != random_checkpoint_revision("tiny", 0, "cpu")
     assert random_checkpoint_revision("tiny", 0) == random_checkpoint_revision("tiny", 0, "cpu")
+
+
+def test_a_stored_commit_starts_without_the_hub(tmp_path: Path, im: ModuleType, tiny_dir: Path) -> None:
+    """A pod restart with a pinned revision already in the store (the Kubernetes init container) must
+    not need the Hub: the CLI, offline and with the Hub's address unreachable, finds it there."""
+    home = tmp_path / "home"
+    stored = im.import_checkpoint(tiny_dir, "falcon-7b-instruct", source="tiiuae/falcon-7b-instruct", revision=SHA,
+                                  bentoml_home=home)
+    unreachable = {"HF_ENDPOINT": "http://127.0.0.1:9"}  # the discard port: nothing answers
+    result = run_cli(home, "--revision", SHA, env=unreachable)
+    assert tag_of(result) == str(stored)
+    assert "the Hub was not asked" in result.stderr
+    # a branch may have moved: it needs the Hub, and without it the import fails, saying so
+    branch = run_cli(home, "--revision", "main", env=unreachable)
+    assert branch.returncode == 1 and "import_model.py: error:" in branch.stderr, branch.stderr
+    assert "Traceback" not in branch.stderr
+    # so does a commit that is not in the store yet
+    other = run_cli(home, "--revision", "f" * 40, env=unreachable)
+    assert other.returncode == 1 and "Traceback" not in other.stderr, other.stderr
+    assert len(im.list_models("falcon-7b-instruct", bentoml_home=home)) == 1
+
+
+def test_a_stored_commit_is_not_looked_up_on_the_hub(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, im: ModuleType, tiny_dir: Path
+) -> None:
+    repo = shutil.copytree(tiny_dir, tmp_path / "repo")
+    calls: list[dict] = []
+    fake_hub(monkeypatch, repo, calls)
+    home = tmp_path / "home"
+    tag = im.import_from_hub("tiiuae/falcon-7b-instruct", SHA, "falcon-7b-instruct", bentoml_home=home)
+    assert [c["call"] for c in calls] == ["model_info", "snapshot_download"]
+    assert im.import_from_hub("tiiuae/falcon-7b-instruct", SHA, "falcon-7b-instruct", bentoml_home=home) == tag
+    assert [c["call"] for c in calls] == ["model_info", "snapshot_download"], "the Hub was asked again"
+    assert im.is_commit(SHA) and not im.is_commit("main") and not im.is_commit(SHA[:7])
+
+
+def test_the_temporary_folder_holds_no_weights_and_is_removed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, im: ModuleType, tiny_dir: Path
+) -> None:
+    """BentoML builds a model in TMPDIR and copies it into the store: the init container's TMPDIR is an
+    emptyDir of 2 GiB, off the model volume, so only links may go there; the store gets real files."""
+    import tempfile
+
+    temp = tmp_path / "tmpdir"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    src = shutil.copytree(tiny_dir, tmp_path / "src")
+    copied: list[tuple[str, bool, int]] = []
+    copytree = shutil.copytree
+
+    def watching_copytree(source, dest, *args, **kwargs):
+        if Path(source).is_relative_to(temp):  # BentoML's copy of the temporary folder into the store
+            for path in Path(source).iterdir():
+                copied.append((path.name, path.is_symlink(), path.lstat().st_size))
+        return copytree(source, dest, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "copytree", watching_copytree)
+    home = tmp_path / "home"
+    tag = im.import_from_dir(src, "falcon-7b-instruct", bentoml_home=home)
+    weights = [entry for entry in copied if entry[0].endswith(".safetensors")]
+    assert weights and all(is_link and size < 4096 for _, is_link, size in weights), copied
+    assert list(temp.iterdir()) == [], "the temporary folder is left behind"
+    shutil.rmtree(src)  # the store holds copies, not links into the source
+    stored = Path(im.get_model(tag, bentoml_home=home).path)
+    safetensors = stored / "model.safetensors"
+    assert not safetensors.is_symlink() and safetensors.stat().st_size > 4096
+    assert (tiny_dir / "model.safetensors").read_bytes() == safetensors.read_bytes()
