@@ -7,7 +7,10 @@ same memory and CPU limits, environment, working directory, command and argument
 prints the `podman run` options and arguments for CONTAINER (an init container or a container of the
 Deployment in RENDERED.yaml), one a line, to be placed between `podman run` and the image. Each volume
 of the pod becomes a folder DIR/<volume> owned by the pod's user (an emptyDir or a claim alike, the way
-fsGroup hands them over); a `medium: Memory` emptyDir becomes a tmpfs. `--read-write` leaves the root
+fsGroup hands them over); a `medium: Memory` emptyDir becomes a tmpfs; a Secret volume gets the
+Secret's keys as files (an optional Secret that is not in the manifests: an empty folder, as the kubelet
+mounts it). Environment variables from the downward API's `resourceFieldRef` get the value the kubelet
+gives them (a limit divided by the divisor, rounded up). `--read-write` leaves the root
 file system writable, so that `podman diff` can show what the container would write outside its volumes.
 scripts/image_check.sh runs the cpu-smoke overlay's init container and server this way.
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import math
 import os
 import sys
 from pathlib import Path
@@ -33,13 +37,38 @@ def _bytes(quantity: str) -> int:
     return int(quantity)
 
 
-def _secret_value(docs: list[dict[str, Any]], name: str, key: str) -> str:
+def _secret(docs: list[dict[str, Any]], name: str) -> dict[str, str] | None:
+    """The Secret `name`'s keys and values, if the manifests have it."""
     for doc in docs:
         if doc.get("kind") == "Secret" and doc["metadata"]["name"] == name:
-            if key in doc.get("stringData", {}):
-                return doc["stringData"][key]
-            return base64.b64decode(doc["data"][key]).decode()
-    raise SystemExit(f"secret {name} (key {key}) is not in the rendered manifests")
+            values = {k: base64.b64decode(v).decode() for k, v in doc.get("data", {}).items()}
+            return {**values, **doc.get("stringData", {})}
+    return None
+
+
+def _secret_value(docs: list[dict[str, Any]], name: str, key: str) -> str:
+    secret = _secret(docs, name)
+    if secret is None or key not in secret:
+        raise SystemExit(f"secret {name} (key {key}) is not in the rendered manifests")
+    return secret[key]
+
+
+def _quantity(value: str) -> float:
+    """A CPU or memory quantity as a number (cores, bytes)."""
+    if value.endswith("m"):
+        return int(value[:-1]) / 1000
+    for suffix, factor in K8S_SIZE.items():
+        if value.endswith(suffix):
+            return float(value.removesuffix(suffix)) * factor
+    return float(value)
+
+
+def _resource_field(containers: list[dict[str, Any]], own: dict[str, Any], ref: dict[str, Any]) -> str:
+    """The value of a downward-API resourceFieldRef, as the kubelet computes it (rounded up)."""
+    target = next(c for c in containers if c["name"] == ref.get("containerName", own["name"]))
+    kind, resource = ref["resource"].split(".", 1)
+    amount = _quantity(target.get("resources", {})[kind][resource])
+    return str(math.ceil(amount / _quantity(str(ref.get("divisor", "1")))))
 
 
 def podman_args(docs: list[dict[str, Any]], container_name: str, volumes_dir: Path, *,
@@ -73,6 +102,9 @@ def podman_args(docs: list[dict[str, Any]], container_name: str, volumes_dir: Pa
     for env in container.get("env", []):
         if "value" in env:
             args.append(f"--env={env['name']}={env['value']}")
+        elif "resourceFieldRef" in env["valueFrom"]:
+            value = _resource_field(containers, container, env["valueFrom"]["resourceFieldRef"])
+            args.append(f"--env={env['name']}={value}")
         else:
             ref = env["valueFrom"]["secretKeyRef"]
             args.append(f"--env={env['name']}={_secret_value(docs, ref['name'], ref['key'])}")
@@ -85,10 +117,16 @@ def podman_args(docs: list[dict[str, Any]], container_name: str, volumes_dir: Pa
             args.append(f"--mount=type=tmpfs,destination={mount['mountPath']},tmpfs-size={size},"
                         f"tmpfs-mode=1777")
             continue
-        if not ("emptyDir" in volume or "persistentVolumeClaim" in volume):
-            raise SystemExit(f"volume {mount['name']}: only emptyDir and persistentVolumeClaim are mapped")
+        if not ("emptyDir" in volume or "persistentVolumeClaim" in volume or "secret" in volume):
+            raise SystemExit(f"volume {mount['name']}: only emptyDir, persistentVolumeClaim and secret are mapped")
         source = volumes_dir / mount["name"]
         source.mkdir(parents=True, exist_ok=True)
+        if "secret" in volume:
+            values = _secret(docs, volume["secret"]["secretName"])
+            if values is None and not volume["secret"].get("optional"):
+                raise SystemExit(f"secret {volume['secret']['secretName']} is not in the rendered manifests")
+            for key, text in (values or {}).items():
+                (source / key).write_text(text)
         if os.geteuid() == 0:  # as the fsGroup hands a volume over; a rootless podman maps users itself
             os.chown(source, uid, gid)
         if mount.get("subPath"):

@@ -14,7 +14,13 @@ import yaml
 from check_tools import tools_bin
 
 REPO = Path(__file__).resolve().parents[2]
-OVERLAYS_DIR = REPO / "deploy" / "kubernetes" / "overlays"
+KUSTOMIZE_DIR = REPO / "deploy" / "kubernetes"
+OVERLAYS_DIR = KUSTOMIZE_DIR / "overlays"
+# Layouts that deploy/kubernetes/README.md has users compose in an overlay of their own: name ->
+# (resources, components), paths under deploy/kubernetes.
+COMPOSITIONS = {
+    "volume-model+guaranteed-qos": (["overlays/volume-model"], ["components/guaranteed-qos"]),
+}
 sys.path.insert(0, str(REPO))
 
 from import_model import import_random  # noqa: E402
@@ -61,17 +67,33 @@ def tools() -> Path:
     return tools_bin()
 
 
+def compose(root: Path, resources: list[str], components: list[str]) -> Path:
+    """An overlay of one's own in `root` (as the README shows it): `resources` and `components` of
+    deploy/kubernetes, by relative paths (kustomize refuses absolute ones)."""
+    root.mkdir(parents=True, exist_ok=True)
+    rel = [os.path.relpath(KUSTOMIZE_DIR / p, root) for p in resources], \
+        [os.path.relpath(KUSTOMIZE_DIR / p, root) for p in components]
+    (root / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": rel[0], "components": rel[1]}))
+    return root
+
+
 @pytest.fixture(scope="session")
 def rendered(tools: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Each overlay of deploy/kubernetes, rendered by kustomize (kubectl's) into a file."""
+    """Each overlay of deploy/kubernetes, and each composition the README shows, rendered by kustomize
+    (kubectl's) into a file."""
     out_dir = tmp_path_factory.mktemp("rendered")
+    targets = {p.name: p for p in sorted(OVERLAYS_DIR.iterdir()) if p.is_dir()}
+    for name, (resources, components) in COMPOSITIONS.items():
+        targets[name] = compose(tmp_path_factory.mktemp("composed") / name, resources, components)
     files = {}
-    for overlay in sorted(p for p in OVERLAYS_DIR.iterdir() if p.is_dir()):
-        out = subprocess.run([str(tools / "kubectl"), "kustomize", str(overlay)], capture_output=True, text=True,
+    for name, target in targets.items():
+        out = subprocess.run([str(tools / "kubectl"), "kustomize", str(target)], capture_output=True, text=True,
                              timeout=60)
-        assert out.returncode == 0, f"{overlay.name}: {out.stderr}"
-        files[overlay.name] = out_dir / f"{overlay.name}.yaml"
-        files[overlay.name].write_text(out.stdout)
+        assert out.returncode == 0, f"{name}: {out.stderr}"
+        files[name] = out_dir / f"{name}.yaml"
+        files[name].write_text(out.stdout)
     return files
 
 

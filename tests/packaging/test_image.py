@@ -108,4 +108,10 @@ def test_pod_to_podman_runs_the_smoke_pod_as_kubernetes_would(rendered: dict[str
     assert f"--volume={tmp_path}/bentoml-home:/var/lib/bentoml:rw" in server
     assert any(a.startswith("--mount=type=tmpfs,destination=/dev/shm,") for a in server)
     assert "--env=FALCON_API_KEY=smoke-test-key" in server and "--publish=127.0.0.1:18000:3000" in server
+    # torch threads from the CPU limit (2), as the kubelet's downward API gives them
+    assert "--env=FALCON_TORCH_THREADS=2" in server
+    # the optional Hub token Secret is not in the smoke test: an empty folder, read-only
+    assert f"--volume={tmp_path}/hf-token:/var/run/secrets/huggingface:ro" in init
+    assert list((tmp_path / "hf-token").iterdir()) == []
     assert "--read-only" not in podman_args(docs, "falcon-service", tmp_path, read_write=True)
+
