@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from falcon_service.engine.batch import RunningBatch
+from falcon_service.engine.batch import NewPrompt, RunningBatch, StagedChunk
 from falcon_service.engine.cuda_graphs import DecodeGraphs
 from falcon_service.engine.falcon import FalconRunner
 
@@ -63,6 +63,11 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
+def new_prompts(prompts: list[list[int]], first_id: int = 0) -> list[NewPrompt]:
+    """Prompts of one choice each, as sequences first_id, first_id + 1, ..."""
+    return [NewPrompt((first_id + i,), p) for i, p in enumerate(prompts)]
+
+
 def engine_logits(model, tokens: torch.Tensor, graphs: bool) -> torch.Tensor:
     """Logits of the serving path: prefill PROMPT tokens, then decode the rest one at a time (teacher-forced).
     Returns (batch, 1 + STEPS, vocab): after the prompt, and after each fed token."""
@@ -71,12 +76,12 @@ def engine_logits(model, tokens: torch.Tensor, graphs: bool) -> torch.Tensor:
     decode_graphs = None
     if graphs and runner.device.type == "cuda":
         decode_graphs = DecodeGraphs(runner)  # the buckets this check needs are captured on first use
-    batch = RunningBatch(runner, decode_graphs.decode if decode_graphs else None)
+    batch = RunningBatch(runner, decode_graphs)
     host = tokens.tolist()
-    out = [batch.add([row[:PROMPT] for row in host], [1] * batch_size).float()]
+    out = [batch.run(False, new_prompts([row[:PROMPT] for row in host])).float()]
     for step in range(STEPS):
         batch.set_tokens(0, tokens[:, PROMPT + step])
-        out.append(batch.step().float())
+        out.append(batch.run(True).float())
     return torch.stack(out, dim=1)
 
 
@@ -102,11 +107,12 @@ def attention_fast_paths(model) -> dict:
     fused = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
     runner = FalconRunner(model, batch_rows=4, max_len=model.config.max_position_embeddings)
     batch = RunningBatch(runner)
-    batch.stage(list(range(7, 20)), 0)  # the first chunk of a long prompt
+    long = list(range(7, 50))
+    batch.run(False, chunk=StagedChunk((9,), long, 0, 13))  # the first chunk of a long prompt
     calls = {
-        "prefill of new prompts": lambda: batch.add([list(range(1, 40)), list(range(5, 30))], [1, 1]),
-        "decode": lambda: batch.step([1, 2]),
-        "prefill chunk after a cached prefix": lambda: batch.stage(list(range(20, 33)), 13),
+        "prefill of new prompts": lambda: batch.run(False, new_prompts([list(range(1, 40)), list(range(5, 30))])),
+        "decode": lambda: (batch.set_tokens(0, [1, 2]), batch.run(True)),
+        "prefill chunk after a cached prefix": lambda: batch.run(False, chunk=StagedChunk((9,), long, 13, 26)),
     }
     result = {}
     for name, call in calls.items():
@@ -125,11 +131,11 @@ def decoding_batch(model, batch_rows: int, decoding: int) -> tuple[FalconRunner,
     up by three decode steps, the device idle."""
     runner = FalconRunner(model, batch_rows=batch_rows, max_len=model.config.max_position_embeddings)
     graphs = DecodeGraphs(runner) if runner.device.type == "cuda" else None
-    batch = RunningBatch(runner, graphs.decode if graphs else None)
-    batch.add([list(range(1, 33))] * decoding, [1] * decoding)
+    batch = RunningBatch(runner, graphs)
+    batch.run(False, new_prompts([list(range(1, 33))] * decoding))
     batch.set_tokens(0, [3] * decoding)
     for _ in range(3):
-        batch.step()
+        batch.run(True)
     sync(runner.device)
     return runner, batch
 
@@ -141,7 +147,7 @@ def decode_step_times(model, batch_sizes: tuple[int, ...] = (1, 64), steps: int 
         runner, batch = decoding_batch(model, batch_size, batch_size)
         start = time.perf_counter()
         for _ in range(steps):
-            batch.step()
+            batch.run(True)
         sync(runner.device)
         times[batch_size] = 1000 * (time.perf_counter() - start) / steps
     return times
@@ -164,7 +170,7 @@ def step_profile(model, batch_size: int = 64, steps: int = 20, top: int = 12) ->
     with profile(activities=activities) as prof:
         start = time.perf_counter()
         for _ in range(steps):
-            batch.step()
+            batch.run(True)
         sync(runner.device)
         decode_ms = 1000 * (time.perf_counter() - start) / steps
     events = [e for e in prof.key_averages() if (e.device_time_total if on_cuda else e.self_cpu_time_total) > 0]
@@ -180,10 +186,10 @@ def step_profile(model, batch_size: int = 64, steps: int = 20, top: int = 12) ->
     for i in range(5):
         sync(runner.device)
         start = time.perf_counter()
-        batch.step_and_add(None, [list(range(40 + i, 72 + i))], [1])
+        batch.run(True, [NewPrompt((10_000 + i,), list(range(40 + i, 72 + i)))])
         sync(runner.device)
         mixed.append(1000 * (time.perf_counter() - start))
-        batch.remove([batch.size - 1])
+        batch.free([10_000 + i])
     return {"batch": batch_size, "decode_ms": decode_ms, "busy_ms": busy_ms, "kernels": kernels,
             "mixed_ms": sorted(mixed)[len(mixed) // 2]}
 

@@ -82,12 +82,12 @@ class ControlledModel:
         controlled = self
 
         class ControlledRunner(FalconRunner):
-            def forward(self, decode, prefill):  # every pass: decode rows, prompt chunks, or both at once
-                if decode is not None:
-                    controlled._gate((decode.count, 1, decode.width))
-                if prefill is not None:
-                    controlled._gate((prefill.n, prefill.width_q, prefill.width_k))
-                return super().forward(decode, prefill)
+            def forward(self, batch):  # every pass: decode rows, prompt chunks, or both at once
+                if batch.decode is not None:
+                    controlled._gate((batch.decode.count, 1, batch.decode.width))
+                if batch.prefill is not None:
+                    controlled._gate((batch.prefill.n, batch.prefill.width_q, batch.prefill.width_k))
+                return super().forward(batch)
 
         return ControlledRunner(model, rows, max_len, **options)
 

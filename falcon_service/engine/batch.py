@@ -1,331 +1,128 @@
-"""The running batch over the KV cache's row pool: add (prefill), step (decode), remove; and the
-prefixes that finished sequences leave behind for new prompts to reuse.
+"""The running batch: each step one pass over the weights for every token it computes (the running rows'
+decode step, new prompts, a long prompt's next chunk) as one flat batch, over the rows `KVRows` keeps.
 
-Each running sequence owns one row of the runner's preallocated cache, and the running rows are
-kept compact at the front (0..size-1), so a decode step reads the cache as views, with no copy. A
-sequence that leaves has its row refilled by the last running row. A row's positions start at 0
-whatever the other rows hold, so results do not depend on the batch.
-
-Prefix reuse (`prefix_caching`): the pool's other rows hold the tokens of finished sequences, kept
-from the top of the pool down while there is room, least recently used evicted first; running
-rows are never evicted. A new prompt whose start is held by any row, running or idle, gets those
-positions' keys and values copied into its own row and prefills only the rest.
-
-The host keeps each row's length; the device keeps the runner's decode buffers in step with it
-(lengths, where each row writes, the token each row feeds next). The tokens a step samples stay
-on the device and become the next step's input (`set_tokens`), so a decode step needs nothing
-from the host but the batch's shape.
-
-The staging row (after the pool) holds a prompt too long for one step, prefilled there a chunk at
-a time between decode steps of the batch; it joins the batch once it is complete.
+With plain values (sequence ids, token lists): the engine drives it from the scheduler's plan; tests and
+the GPU check drive it directly.
 """
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Callable
 from collections.abc import Sequence as Seq
+from dataclasses import dataclass
 
 import torch
 
-from .falcon import FalconRunner, SharedPrefix
-from .prefix_cache import PrefixCache, PrefixMatch
+from .cuda_graphs import DecodeGraphs
+from .falcon import FalconRunner, Segment, StepBatch
+from .kv_rows import KVRows
+from .prefix_cache import PrefixMatch
 
-MIN_SHARED = 64  # tokens a prefix must have for its rows to attend to it together
 
-DecodeFn = Callable[[int, int], torch.Tensor]  # (rows, attention width) -> logits
+@dataclass(frozen=True)
+class NewPrompt:
+    """A prompt prefilled whole in one step, after what `match` says the prefix cache holds; its sequences
+    `seq_ids` (n choices) share the prefill."""
+
+    seq_ids: tuple[int, ...]
+    prompt: Seq[int]
+    match: PrefixMatch | None = None
+    salt: int = 0
+
+
+@dataclass(frozen=True)
+class StagedChunk:
+    """Tokens start..end of a long prompt, prefilled in the staging row; the first chunk starts after what
+    `match` holds (given with the first chunk only), and after the last the prompt's sequences `seq_ids` join
+    the running rows."""
+
+    seq_ids: tuple[int, ...]
+    prompt: Seq[int]
+    start: int
+    end: int
+    match: PrefixMatch | None = None
+    salt: int = 0
+
+    @property
+    def last(self) -> bool:
+        return self.end == len(self.prompt)
 
 
 class RunningBatch:
-    """Row i belongs to the caller's sequence i; `remove` says how the rows were reordered.
+    """Steps over a runner's KV rows. `run` returns one row of logits per sequence sampled at this step, in
+    row order: the decoding rows, then each new prompt's sequences, then the staged prompt's once whole.
 
-    `decode_fn` runs a decode step over the runner's buffers (default: `runner.decode`; the engine
-    passes CUDA-graph replay on a GPU).
+    `graphs` replays pure decode steps as CUDA graphs (or, in tests, what stands in for them).
     """
 
-    def __init__(self, runner: FalconRunner, decode_fn: DecodeFn | None = None, prefix_caching: bool = False) -> None:
+    def __init__(self, runner: FalconRunner, graphs: DecodeGraphs | None = None, prefix_caching: bool = False) -> None:
         self.runner = runner
-        self.io = runner.io
-        self.lengths: list[int] = []  # tokens cached per running row
-        self.idle: dict[int, int] = {}  # rows past the running ones that keep a finished prefix: length
-        self.prefixes = PrefixCache() if prefix_caching else None
-        # which rows hold bit-identical copies of one prefix: (lineage, how many tokens), per running and
-        # idle row; rows of one lineage attend to their common prefix together (cascade attention)
-        self.lineages: list[tuple[int, int]] = []
-        self.idle_lineages: dict[int, tuple[int, int]] = {}
-        self._lineage_ids = itertools.count()
-        self._staged_lineage: tuple[int, int] | None = None
-        self._decode = decode_fn or runner.decode
-        self._cascade = decode_fn is None and prefix_caching  # (a captured graph has fixed shapes)
-        self._sync_buffers()
+        self.graphs = graphs
+        # cascade attention (rows attending to a shared prefix together) is for eager steps: a captured graph
+        # has fixed shapes
+        self.rows = KVRows(runner, prefix_caching, cascade=graphs is None)
+
+    @property
+    def ids(self) -> list[int]:
+        """The running sequences, in row order."""
+        return self.rows.ids
 
     @property
     def size(self) -> int:
-        return len(self.lengths)
+        return self.rows.size
 
     @property
-    def capacity(self) -> int:
-        return self.runner.batch_rows
-
-    @property
-    def pool_rows(self) -> int:
-        return self.runner.cache.pool_rows
-
-    @property
-    def staging_row(self) -> int:
-        return self.runner.cache.staging_row
+    def lengths(self) -> list[int]:
+        return self.rows.lengths
 
     @property
     def cache_tokens(self) -> int:
-        """Tokens the running sequences hold in the KV cache."""
-        return sum(self.lengths)
+        return self.rows.cache_tokens
 
     @property
     def idle_tokens(self) -> int:
-        """Tokens kept for reuse in idle rows."""
-        return sum(self.idle.values())
-
-    def _sync_buffers(self) -> None:
-        """Upload each row's length and write row after the batch's rows changed; unused slots get
-        position 0 and the scratch row, so a padded decode step touches no real row."""
-        free = self.capacity - self.size
-        self.runner.lengths.copy_(self.io.upload(self.lengths + [0] * free, torch.long))
-        rows = list(range(self.size)) + [self.runner.cache.scratch_row] * free
-        self.runner.write_rows.copy_(self.io.upload(rows, torch.long))
-
-    def set_tokens(self, first_row: int, tokens: torch.Tensor | Seq[int]) -> None:
-        """Rows first_row.. feed these tokens at their next decode step (sampled tokens stay on the device)."""
-        if not isinstance(tokens, torch.Tensor):
-            tokens = self.io.upload(list(tokens), torch.long)
-        self.runner.tokens[first_row : first_row + tokens.shape[0]] = tokens
-
-    def _width(self) -> int:
-        """Positions a decode step attends over: each row's cache plus its new token."""
-        return max(self.lengths) + 1
-
-    # ---- prefixes ----
+        return self.rows.idle_tokens
 
     def lookup(self, prompt: Seq[int], salt: int = 0) -> PrefixMatch | None:
-        """The longest cached start of `prompt` under `salt` (in whole blocks; never the whole prompt), if any."""
-        return self.prefixes.lookup(prompt, salt) if self.prefixes is not None else None
+        return self.rows.lookup(prompt, salt)
 
-    def _valid(self, match: PrefixMatch | None) -> PrefixMatch | None:
-        """`match`, if its prefix is still held (making room may have evicted it)."""
-        if match is None or self.prefixes is None or self.prefixes.get(match.prefix.row) is not match.prefix:
-            return None
-        return match
+    def free(self, seq_ids: Seq[int], keep: dict[int, tuple[Seq[int], int]] | None = None) -> None:
+        self.rows.free(seq_ids, keep)
 
-    def _free_row(self, avoid: range) -> int | None:
-        """The highest pool row that is neither running, idle nor in `avoid`."""
-        for row in range(self.pool_rows - 1, self.size - 1, -1):
-            if row not in self.idle and row not in avoid:
-                return row
-        return None
+    def set_tokens(self, first_row: int, tokens: torch.Tensor | Seq[int]) -> None:
+        self.rows.set_tokens(first_row, tokens)
 
-    def _move(self, src: int, dst: int, length: int) -> None:
-        self.runner.cache.copy_row(src, dst, length)
-        if self.prefixes is not None:
-            self.prefixes.move(src, dst)
-
-    def _evict(self, row: int) -> None:
-        self.idle.pop(row, None)
-        self.idle_lineages.pop(row, None)
-        if self.prefixes is not None:
-            self.prefixes.drop(row)
-
-    def _lineage_of(self, row: int) -> tuple[int, int] | None:
-        if row < self.size:
-            return self.lineages[row]
-        return self.idle_lineages.get(row)
-
-    def _new_lineage(self, length: int) -> tuple[int, int]:
-        return next(self._lineage_ids), length
-
-    def _inherited_lineage(self, match: PrefixMatch) -> tuple[int, int] | None:
-        """The lineage of a row that copies `match`'s prefix: its source's, over the tokens both hold."""
-        source = self._lineage_of(match.prefix.row)
-        return (source[0], min(match.length, source[1])) if source is not None else None
-
-    def shared_prefix(self) -> SharedPrefix | None:
-        """The largest group of running rows that hold copies of one prefix of at least MIN_SHARED tokens."""
-        if not self._cascade or self.size < 2:
-            return None
-        groups: dict[int, list[int]] = {}
-        for row, (lineage, _) in enumerate(self.lineages):
-            groups.setdefault(lineage, []).append(row)
-        rows = max(groups.values(), key=len)
-        length = min(self.lineages[row][1] for row in rows)
-        if len(rows) < 2 or length < MIN_SHARED:
-            return None
-        return SharedPrefix(rows, rows[0], length)
-
-    def _least_recently_used(self, exclude: range, pinned: set[int], also: int | None = None) -> int | None:
-        """The idle row to evict first, outside `exclude` and `pinned` (or `also`, whatever it is)."""
-        candidates = [r for r in self.idle if r not in exclude and r not in pinned]
-        if also is not None:
-            candidates.append(also)
-        if not candidates:
-            return None
-        assert self.prefixes is not None
-        return self.prefixes.least_recently_used(candidates)
-
-    def _make_room(self, count: int, matches: Seq[PrefixMatch | None] = ()) -> None:
-        """Free rows size..size+count-1 for new running rows: an idle row there moves to a free row
-        further up, or over the least recently used idle row (evicted), or is evicted itself."""
-        if self.size + count > self.capacity:
-            raise RuntimeError(f"batch of {self.capacity} rows is full")
-        needed = range(self.size, self.size + count)
-        pinned = {m.prefix.row for m in matches if m is not None}  # copied from in this step: keep if possible
-        for row in needed:
-            if row not in self.idle:
-                continue
-            target = self._free_row(needed)
-            if target is None:  # the pool is full: the least recently used idle row goes, this one or another
-                victim = self._least_recently_used(needed, pinned | {row}, also=None if row in pinned else row)
-                if victim is None or victim == row:
-                    self._evict(row)
-                    continue
-                self._evict(victim)
-                target = victim
-            length = self.idle.pop(row)
-            self._move(row, target, length)
-            self.idle[target] = length
-            self.idle_lineages[target] = self.idle_lineages.pop(row, self._new_lineage(0))
-
-    def _keep(self, row: int, length: int, tokens: Seq[int], salt: int) -> None:
-        """Keep the finished running row `row` (its first `length` of `tokens`, under `salt`) in an idle row, if
-        there is room or a less recently used idle row to give way."""
-        assert self.prefixes is not None
-        target = self._free_row(range(0))
-        if target is None:
-            target = self._least_recently_used(range(0), set())
-            if target is None:
-                return
-            self._evict(target)
-        self.runner.cache.copy_row(row, target, length)
-        self.prefixes.put(target, tokens[:length], salt)
-        self.idle[target] = length
-        self.idle_lineages[target] = self.lineages[row]
-
-    # ---- steps ----
-
-    def add(self, prompts: Seq[Seq[int]], repeats: Seq[int], matches: Seq[PrefixMatch | None] | None = None,
-            salts: Seq[int] | None = None) -> torch.Tensor:
-        """Prefill each prompt once into new rows at the end (after what `matches` says is cached); prompt
-        i then fills `repeats[i]` rows (n choices share the prefill), indexed under `salts[i]`. Returns the
-        next-token logits, one row per new row."""
-        firsts, chunks, offsets, lineages = self._place(prompts, repeats, matches)
-        logits = self.runner.prefill(firsts, chunks, offsets)
-        return self._fill(firsts, prompts, repeats, logits, lineages, salts)
-
-    def step(self, tokens: Seq[int] | None = None) -> torch.Tensor:
-        """Feed one token per row (rows 0..size-1; by default the tokens set with `set_tokens`);
-        returns the next-token logits (size, vocab)."""
-        if tokens is not None:
-            self.set_tokens(0, tokens)
-        shared = self.shared_prefix()
-        logits = self._decode(self.size, self._width()) if shared is None else \
-            self.runner.decode(self.size, self._width(), shared)
-        self._advance()
+    def run(self, decode: bool, prompts: Seq[NewPrompt] = (), chunk: StagedChunk | None = None) -> torch.Tensor:
+        """One step: a token for every running row (with `decode`, from the tokens set last), the new prompts,
+        and the staged prompt's next chunk, in one pass."""
+        rows = self.rows
+        count = rows.size if decode else 0
+        placed = rows.place([(p.seq_ids, p.prompt, p.match, p.salt) for p in prompts])
+        segments = [p.segment for p in placed]
+        if chunk is not None:
+            segments.append(self._stage(chunk))
+        logits = self._forward(count, segments)
+        if count:
+            rows.advance()
+        if placed:
+            rows.join(placed)
+        repeats = [len(p.seq_ids) for p in prompts]
+        if chunk is not None and chunk.last:
+            rows.adopt_staged(chunk.seq_ids, chunk.prompt, chunk.salt)
+            repeats.append(len(chunk.seq_ids))
+        elif chunk is not None:  # a chunk before the last: its logits serve nobody yet
+            logits = logits[:-1]
+        if any(r != 1 for r in repeats):  # n choices share their prompt's logits
+            index = list(range(count)) + [count + i for i, r in enumerate(repeats) for _ in range(r)]
+            logits = logits.index_select(0, self.runner.io.upload(index, torch.long))
         return logits
 
-    def step_and_add(self, tokens: Seq[int] | None, prompts: Seq[Seq[int]], repeats: Seq[int],
-                     matches: Seq[PrefixMatch | None] | None = None, salts: Seq[int] | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`step` for the running rows and `add` for new prompts, in one pass over the weights."""
-        if tokens is not None:
-            self.set_tokens(0, tokens)
-        count, width, shared = self.size, self._width(), self.shared_prefix()
-        firsts, chunks, offsets, lineages = self._place(prompts, repeats, matches)
-        decoded, prefilled = self.runner.decode_and_prefill(count, width, firsts, chunks, offsets, shared)
-        self._advance()
-        return decoded, self._fill(firsts, prompts, repeats, prefilled, lineages, salts)
+    def _stage(self, chunk: StagedChunk) -> Segment:
+        return self.rows.stage(chunk.prompt[chunk.start : chunk.end], chunk.start, chunk.match)
 
-    def _advance(self) -> None:
-        self.runner.lengths[: self.size] += 1
-        self.lengths = [n + 1 for n in self.lengths]
-
-    def _place(self, prompts: Seq[Seq[int]], repeats: Seq[int], matches: Seq[PrefixMatch | None] | None
-               ) -> tuple[list[int], list[Seq[int]], list[int], list[tuple[int, int]]]:
-        """Rows for the new prompts; their cached starts copied in. Returns each prompt's first row, the
-        tokens left to prefill, where they start, and the lineage of its rows."""
-        matches = list(matches) if matches is not None else [None] * len(prompts)
-        self._make_room(sum(repeats), matches)
-        firsts, chunks, offsets, lineages, row = [], [], [], [], self.size
-        for prompt, r, match in zip(prompts, repeats, matches, strict=True):
-            match = self._valid(match)
-            start = match.length if match is not None else 0
-            lineage = None
-            if match is not None:
-                self.runner.cache.copy_row(match.prefix.row, row, start)
-                lineage = self._inherited_lineage(match)
-            firsts.append(row)
-            chunks.append(prompt[start:])
-            offsets.append(start)
-            lineages.append(lineage or self._new_lineage(len(prompt)))
-            row += r
-        return firsts, chunks, offsets, lineages
-
-    def _fill(self, firsts: list[int], prompts: Seq[Seq[int]], repeats: Seq[int], logits: torch.Tensor,
-              lineages: Seq[tuple[int, int]], salts: Seq[int] | None) -> torch.Tensor:
-        """Copy each prefilled row to its repeats; returns the logits, one row per new row."""
-        salts = salts if salts is not None else [0] * len(prompts)
-        for first, prompt, r, lineage, salt in zip(firsts, prompts, repeats, lineages, salts, strict=True):
-            for row in range(first, first + r):
-                self.runner.cache.copy_row(first, row, len(prompt))
-                if self.prefixes is not None:
-                    self.prefixes.put(row, prompt, salt)
-            self.lengths += [len(prompt)] * r
-            self.lineages += [lineage] * r
-        self._sync_buffers()
-        if any(r != 1 for r in repeats):
-            index = [i for i, r in enumerate(repeats) for _ in range(r)]
-            logits = logits.index_select(0, self.io.upload(index, torch.long))
-        return logits
-
-    def stage(self, chunk: Seq[int], offset: int, match: PrefixMatch | None = None) -> torch.Tensor:
-        """Prefill the next chunk of a long prompt (tokens `offset`..) into the staging row; the first chunk
-        after a cached start (`match`, of `offset` tokens) copies it in first."""
-        match = self._valid(match)
-        if match is not None:
-            self.runner.cache.copy_row(match.prefix.row, self.staging_row, match.length)
-            self._staged_lineage = self._inherited_lineage(match)
-        elif offset == 0:
-            self._staged_lineage = None
-        return self.runner.prefill([self.staging_row], [chunk], [offset])
-
-    def adopt_staged(self, prompt: Seq[int], repeats: int, salt: int = 0) -> None:
-        """The staged prompt joins the batch, in `repeats` new rows at the end."""
-        self._make_room(repeats)
-        for row in range(self.size, self.size + repeats):
-            self.runner.cache.copy_row(self.staging_row, row, len(prompt))
-            if self.prefixes is not None:
-                self.prefixes.put(row, prompt, salt)
-        self.lengths += [len(prompt)] * repeats
-        self.lineages += [self._staged_lineage or self._new_lineage(len(prompt))] * repeats
-        self._staged_lineage = None
-        self._sync_buffers()
-
-    def remove(self, rows: Seq[int], keep: dict[int, tuple[Seq[int], int]] | None = None) -> list[int]:
-        """Free the given rows; `keep` gives, for rows whose prefix is worth keeping, the tokens they hold
-        (prompt and output) and their salt. Returns `order`: row i now holds what row `order[i]` held."""
-        order = list(range(self.size))
-        for row in sorted(set(rows), reverse=True):
-            if self.prefixes is not None:
-                if keep and row in keep:
-                    self._keep(row, self.lengths[row], *keep[row])
-                self.prefixes.drop(row)
-            last = len(order) - 1
-            if row != last:
-                self._move(last, row, self.lengths[last])
-                order[row] = order[last]
-                self.lengths[row] = self.lengths[last]
-                self.lineages[row] = self.lineages[last]
-            order.pop()
-            self.lengths.pop()
-            self.lineages.pop()
-        if order != list(range(len(order))):
-            moved = self.runner.tokens.index_select(0, self.io.upload(order, torch.long))
-            self.runner.tokens[: len(order)] = moved
-        self._sync_buffers()
-        return order
+    def _forward(self, count: int, segments: list[Segment]) -> torch.Tensor:
+        """Logits of the step's pass: the decode rows 0..count-1, then each segment's last token."""
+        width = self.rows.decode_width() if count else 0
+        if count and not segments and self.graphs is not None:
+            return self.graphs.decode(count, width)
+        shared = self.rows.shared_prefix() if count else None
+        return self.runner.forward(StepBatch(self.runner, count, width, shared, segments))

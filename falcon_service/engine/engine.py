@@ -4,12 +4,14 @@ One thread owns the model and runs the step loop; asyncio callers never block on
 Requests go in through the scheduler's thread-safe queue; events come back to each caller's
 event loop with `call_soon_threadsafe` (see `stream.py`).
 
-Each step: drop what finished or was aborted, ask the scheduler for the plan, launch it (the
-forward pass and sampling, all on the device; the sampled tokens stay there as the next step's
-input), and read the sampled tokens back to detokenize, match stops and send events. On a GPU
-that host work overlaps the device: step k's results are read while step k+1 runs, so a choice
-that stops at step k (EOS, a stop string) is computed one step further and that token dropped.
-Choices that end by length are known in advance and never computed past their end.
+Each step: ask the scheduler for the plan (the sequences that leave, those that decode, the prompts
+to prefill with what the prefix cache holds of them) and execute it: free the rows, run the step's
+tokens through the model as one flat batch in one pass, sample (all on the device; the sampled
+tokens stay there as the next step's input), and read the sampled tokens back to detokenize, match
+stops and send events. On a GPU that host work overlaps the device: step k's results are read while
+step k+1 runs, so a choice that stops at step k (EOS, a stop string) is computed one step further
+and that token dropped. Choices that end by length are known in advance and never computed past
+their end. Sequences are known by id; which row of the KV cache holds one is `KVRows`' business.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from dataclasses import dataclass, replace
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .batch import RunningBatch
+from .batch import NewPrompt, RunningBatch, StagedChunk
 from .cuda_graphs import Capture, DecodeGraphs
 from .falcon import FalconRunner, context_length
 from .grammar import GrammarCompiler, GrammarLimits
@@ -39,7 +41,7 @@ from .request import (
     RequestRecord,
 )
 from .sampling import SampledOnHost, SamplingParams, TokenLogprob, sample
-from .scheduler import BatchLimits, BatchLoad, Demand, PrefillChunk, QueueFullError, Scheduler, StepPlan
+from .scheduler import Admission, BatchLimits, Demand, QueueFullError, Scheduler, StepPlan
 from .sequence import SequenceState
 from .stream import Outbox, RequestStream, send
 
@@ -100,10 +102,9 @@ class Engine:
         if graph_capture is not None or (on_cuda if cuda_graphs is None else cuda_graphs):
             self.graphs = DecodeGraphs(self._runner, graph_capture)  # buckets are captured when first needed
         self._batch = self._new_batch()
-        self._sequences: list[SequenceState] = []  # row i of the batch is sequence i
+        self._sequences: dict[int, SequenceState] = {}  # the running sequences, by id
         self._pending: list[_Launched] = []  # launched at earlier steps, not yet read back (overlap)
         self._launched: list[_Launched] = []  # launched at this step, not yet read back
-        self._matches: dict[RequestStream, PrefixMatch | None] = {}  # this step's prefix lookups
         self._aborted: set[RequestStream] = set()
         self._wake = threading.Condition()
         self._stopping = False
@@ -115,7 +116,7 @@ class Engine:
         return self.graphs.capture_all() if self.graphs is not None else 0.0
 
     def _new_batch(self) -> RunningBatch:
-        return RunningBatch(self._runner, self.graphs.decode if self.graphs else None, self.prefix_caching)
+        return RunningBatch(self._runner, self.graphs, self.prefix_caching)
 
     # ---- caller side (any event loop) ----
 
@@ -149,7 +150,7 @@ class Engine:
         """Point-in-time counts for metrics and health checks."""
         return {
             "waiting": self.scheduler.num_waiting,
-            "running": len(self._sequences),
+            "running": self.scheduler.num_running,
             "cache_tokens": self._batch.cache_tokens,
             "prefix_tokens": self._batch.idle_tokens,
         }
@@ -164,7 +165,7 @@ class Engine:
     # ---- engine thread ----
 
     def _has_work(self) -> bool:
-        return bool(self._stopping or self._aborted or self._sequences or self._pending or self.scheduler.has_work)
+        return bool(self._stopping or self._aborted or self._pending or self.scheduler.has_work)
 
     def _run(self) -> None:
         if self.threads:
@@ -180,10 +181,8 @@ class Engine:
             plan: StepPlan[RequestStream] | None = None
             try:
                 self._drop_aborted(aborted)
-                self._drop_done()
-                self._matches = {}
-                plan = self.scheduler.plan(BatchLoad(rows=len(self._sequences)), self._to_prefill)
-                self._launch(plan)
+                plan = self.scheduler.plan(self._lookup)
+                self._execute(plan)
                 launched, self._launched = self._launched, []
                 pending, self._pending = self._pending, []
                 if pending:
@@ -192,7 +191,6 @@ class Engine:
                     self._pending = launched
                 elif launched:
                     self._finish(launched)
-                self._drop_done()
             except Exception:  # a failing step must not take the server down
                 log.exception("generation step failed")
                 self._fail_all(EngineError("generation failed inside the engine"), plan)
@@ -209,90 +207,81 @@ class Engine:
         for stream in self.scheduler.remove(lambda s: s in aborted):
             stream.end_all(FinishReason.ABORT, outbox)
         events: dict[RequestStream, list[ChoiceEvent]] = {}
-        for seq in self._sequences:
+        for seq in self._sequences.values():
             if seq.stream in aborted and seq.finish_reason is None:
                 seq.finish_reason = FinishReason.ABORT
                 events.setdefault(seq.stream, []).append(ChoiceEvent(seq.index, "", finish_reason=FinishReason.ABORT))
+        self._done([s for s in self._sequences.values() if s.stream in aborted])
         for stream, batch_events in events.items():
             stream.deliver(batch_events, outbox)
         send(outbox)
 
-    def _drop_done(self) -> None:
-        """Free the rows of sequences that ended or have every token they may make on the way; with prefix
-        caching their rows' tokens are kept for reuse while there is room."""
-        rows = [i for i, s in enumerate(self._sequences) if s.done]
-        if rows:
-            keep = {i: (self._sequences[i].tokens, salt_key(self._sequences[i].stream.request.cache_salt))
-                    for i in rows} if self.prefix_caching else None
-            order = self._batch.remove(rows, keep)
-            self._sequences = [self._sequences[i] for i in order]
+    def _done(self, sequences: Seq[SequenceState]) -> None:
+        """Tell the scheduler which of these sequences are done: their rows go at the next step."""
+        self.scheduler.finish({s.seq_id for s in sequences if s.done})
 
-    def _to_prefill(self, stream: RequestStream) -> int:
-        """Prompt tokens of `stream` that need computing: those the prefix cache does not hold."""
-        if stream not in self._matches:
-            self._matches[stream] = self._batch.lookup(stream.request.prompt_ids, salt_key(stream.request.cache_salt))
-        match = self._matches[stream]
-        return len(stream.request.prompt_ids) - (match.length if match is not None else 0)
+    def _lookup(self, stream: RequestStream) -> PrefixMatch | None:
+        """What the prefix cache holds of a waiting request's prompt (the scheduler counts the rest)."""
+        return self._batch.lookup(stream.request.prompt_ids, salt_key(stream.request.cache_salt))
 
-    def _launch(self, plan: StepPlan[RequestStream]) -> None:
-        """Run the plan's forward passes and sampling; what was sampled is in `_launched`, not yet read back."""
+    def _execute(self, plan: StepPlan[RequestStream]) -> None:
+        """Run exactly the plan: free its rows, then one pass over the weights for its decode rows and prompt
+        chunks, and sampling; what was sampled is in `_launched`, not yet read back."""
+        batch = self._batch
+        if plan.free:
+            gone = [self._sequences.pop(i) for i in plan.free]
+            keep = {s.seq_id: (s.tokens, salt_key(s.stream.request.cache_salt)) for s in gone} \
+                if self.prefix_caching else None
+            batch.free(plan.free, keep)
+        assert len(batch.ids) == len(plan.decode) and set(batch.ids) == set(plan.decode), \
+            "the plan's decoding sequences are those holding rows"
+        decoding = [self._sequences[i] for i in batch.ids]  # in row order
+        prompts = []
+        for a in plan.admitted:
+            request = a.item.request
+            a.item.cached_tokens = a.cached.length if a.cached is not None else 0  # counted for usage
+            prompts.append(NewPrompt(a.seq_ids, request.prompt_ids, a.cached,  # type: ignore[arg-type]
+                                     salt_key(request.cache_salt)))
+        chunk = None
         if plan.chunk is not None:
-            self._prefill_chunk(plan.chunk)
-            self._drop_done()
-        decoding = list(self._sequences)
-        if plan.admitted:
-            prompts = [s.request.prompt_ids for s in plan.admitted]
-            repeats = [s.request.n for s in plan.admitted]
-            matches = [self._match(s) for s in plan.admitted]
-            salts = [salt_key(s.request.cache_salt) for s in plan.admitted]
-            if decoding:  # the running batch decodes in the same pass over the weights
-                decoded, prefilled = self._batch.step_and_add(None, prompts, repeats, matches, salts)
-                logits = torch.cat([decoded, prefilled])
-            else:
-                logits = self._batch.add(prompts, repeats, matches, salts)
-            new = self._join(plan.admitted)
-            self._sample(decoding + new, logits, first_row=0)
-        elif decoding:
-            self._sample(decoding, self._batch.step(), first_row=0)
-
-    def _prefill_chunk(self, chunk: PrefillChunk[RequestStream]) -> None:
-        """Prefill the next chunk of the staged prompt; once it is whole, its choices join the batch."""
-        stream = chunk.item
-        prompt = stream.request.prompt_ids
-        match = self._match(stream) if chunk.first else None
-        logits = self._batch.stage(prompt[chunk.start : chunk.end], chunk.start, match)
-        if not chunk.last:
+            c, request = plan.chunk, plan.chunk.item.request
+            if c.first:
+                c.item.cached_tokens = c.cached.length if c.cached is not None else 0
+            chunk = StagedChunk(c.seq_ids, request.prompt_ids, c.start, c.end,
+                                c.cached if c.first else None, salt_key(request.cache_salt))  # type: ignore[arg-type]
+        if not decoding and not prompts and chunk is None:
             return
-        n = stream.request.n
-        self._batch.adopt_staged(prompt, n, salt_key(stream.request.cache_salt))
-        new = self._join([stream])
-        self._sample(new, logits.expand(n, -1), first_row=len(self._sequences) - n)
+        logits = batch.run(bool(decoding), prompts, chunk)
+        new = self._join(plan.admitted)
+        if plan.chunk is not None and plan.chunk.last:
+            new += self._join([Admission(plan.chunk.item, plan.chunk.seq_ids)])
+        if decoding or new:
+            self._sample(decoding + new, logits, first_row=0)
 
-    def _match(self, stream: RequestStream) -> PrefixMatch | None:
-        """This step's prefix match of an admitted request; its cached tokens are counted for usage."""
-        match = self._matches.get(stream)
-        stream.cached_tokens = match.length if match is not None else 0
-        return match
-
-    def _join(self, streams: Seq[RequestStream]) -> list[SequenceState]:
-        """Track the choices of newly prefilled requests (rows at the end)."""
-        new = [SequenceState(s, i, self.tokenizer, self.vocab_size, self.io, self.max_model_len)
-               for s in streams for i in range(s.request.n)]
-        self._sequences += new
+    def _join(self, admitted: Seq[Admission[RequestStream]]) -> list[SequenceState]:
+        """Track the choices of newly prefilled requests (their rows are the last ones)."""
+        new = []
+        for admission in admitted:
+            for index, seq_id in enumerate(admission.seq_ids):
+                seq = SequenceState(admission.item, index, self.tokenizer, self.vocab_size, self.io,
+                                    self.max_model_len, seq_id)
+                self._sequences[seq_id] = seq
+                new.append(seq)
         return new
 
     def _sample(self, sequences: list[SequenceState], logits: torch.Tensor, first_row: int) -> None:
         """Sample for rows first_row.. (these sequences); the tokens feed their next decode step."""
         if any(s.sampling.matcher is not None and s.scheduled > len(s.output_ids) for s in sequences):
-            # a grammar's mask depends on the token sampled last, which is still on its way (an earlier step's,
-            # with overlap, or this step's: a prompt's last chunk samples, then the batch it joins decodes):
-            # read it back first (the forward pass is already on its way, so only the sampling waits)
+            # a grammar's mask depends on the token sampled last, which is still on its way (the step before,
+            # with overlap): read it back first (the forward pass is already on its way, so only the
+            # sampling waits)
             unread, self._pending, self._launched = self._pending + self._launched, [], []
             self._finish(unread)
         sampled = sample(logits, [s.sampling for s in sequences], self.io)
         self._batch.set_tokens(first_row, sampled.tokens)
         for seq in sequences:
             seq.scheduled += 1
+        self._done(sequences)  # those with every token they may make on its way
         self._launched.append(_Launched(sequences, sampled.download(self.io)))
 
     def _finish(self, launched: list[_Launched]) -> None:
@@ -306,6 +295,8 @@ class Engine:
                     continue
                 event = seq.accept(token, lp, self.eos_token_id)
                 events.setdefault(seq.stream, []).append(event)
+                if event.finish_reason is not None:
+                    self.scheduler.finish([seq.seq_id])
                 if event.finish_reason is FinishReason.ERROR:
                     log.error("request %s, choice %d: its grammar rejected the sampled token %d (an engine fault); "
                               "the request fails", seq.stream.request.request_id, seq.index, token)
@@ -320,19 +311,20 @@ class Engine:
 
     def _fail_request(self, stream: RequestStream) -> None:
         """End a request whose reply broke its grammar: its choices stop, the caller gets an `EngineError`."""
-        for seq in self._sequences:
+        for seq in self._sequences.values():
             if seq.stream is stream and seq.finish_reason is None:
                 seq.finish_reason = FinishReason.ERROR
+                self.scheduler.finish([seq.seq_id])
         if self.observer is not None:
             self.observer.on_grammar_rejection()
         stream.deliver(EngineError("a sampled token broke the reply's grammar"))
 
     def _fail_all(self, error: EngineError, plan: StepPlan[RequestStream] | None) -> None:
         """End every request the engine holds with `error` (waiting ones too when shutting down)."""
-        streams = {s.stream for s in self._sequences}
+        streams = {s.stream for s in self._sequences.values()}
         streams |= {s.stream for part in self._pending + self._launched for s in part.sequences}
         if plan is not None:
-            streams |= set(plan.admitted)
+            streams |= {a.item for a in plan.admitted}
             if plan.chunk is not None:
                 streams.add(plan.chunk.item)
         staged = self.scheduler.drop_staged()
@@ -343,5 +335,6 @@ class Engine:
         for stream in streams:
             if not stream.ended:
                 stream.deliver(error)
-        self._sequences, self._pending, self._launched = [], [], []
+        self._sequences, self._pending, self._launched = {}, [], []
+        self.scheduler.clear_running()
         self._batch = self._new_batch()

@@ -195,36 +195,31 @@ class FalconRunner:
         """One new token for each of rows 0..count-1 (from the decode buffers), attending over `width`
         positions; returns next-token logits (count, vocab). With `shared`, those rows attend to their
         common prefix in one pass (cascade attention)."""
-        logits, _ = self.forward(_DecodePlan(self, count, width, shared), None)
-        assert logits is not None
-        return logits
+        return self.forward(StepBatch(self, count, width, shared))
 
     def prefill(self, rows: Seq[int], chunks: Seq[Seq[int]], offsets: Seq[int]) -> torch.Tensor:
         """Run prompt chunks: row r gets tokens at positions offsets[i].. after what it already caches.
 
         Returns the logits after each chunk's last token (len(rows), vocab).
         """
-        _, logits = self.forward(None, _PrefillPlan(self, rows, chunks, offsets))
-        assert logits is not None
-        return logits
+        segments = [Segment(r, o, c) for r, c, o in zip(rows, chunks, offsets, strict=True)]
+        return self.forward(StepBatch(self, segments=segments))
 
     def decode_and_prefill(self, count: int, width: int, rows: Seq[int], chunks: Seq[Seq[int]], offsets: Seq[int],
                            shared: SharedPrefix | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """A decode step of rows 0..count-1 and prompt chunks for other rows in one pass over the weights."""
-        dec, pre = self.forward(_DecodePlan(self, count, width, shared), _PrefillPlan(self, rows, chunks, offsets))
-        assert dec is not None and pre is not None
-        return dec, pre
+        segments = [Segment(r, o, c) for r, c, o in zip(rows, chunks, offsets, strict=True)]
+        logits = self.forward(StepBatch(self, count, width, shared, segments))
+        return logits[:count], logits[count:]
 
     @torch.inference_mode()
-    def forward(
-        self, decode: _DecodePlan | None, prefill: _PrefillPlan | None
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The decoder over the tokens of both plans at once: linears and MLPs see all of them in one
-        matmul; attention runs per plan."""
-        plans = [p for p in (decode, prefill) if p is not None]
-        ids = torch.cat([p.ids for p in plans]) if len(plans) > 1 else plans[0].ids
+    def forward(self, batch: StepBatch) -> torch.Tensor:
+        """The decoder over one step's flat batch of tokens: the linears and MLPs see all of them in one
+        matmul, and each layer's attention is one call (`StepBatch.attend`). Returns the logits of the
+        decode rows, then of each segment's last token."""
+        decode, prefill = batch.decode, batch.prefill
         split = decode.count if decode is not None else 0
-        x = F.embedding(ids, self.embed)
+        x = F.embedding(batch.ids, self.embed)
         last_layer = len(self.layers) - 1
         for layer, w in enumerate(self.layers):
             h = F.layer_norm(x, (self.hidden,), w.ln_weight, w.ln_bias, self.eps)
@@ -232,22 +227,63 @@ class FalconRunner:
             if prefill is not None and layer == last_layer:
                 # the last layer's output is wanted only where logits are: each chunk's last token (and
                 # every decode row); the chunk's other tokens need only their keys and values written
-                attn = prefill.attend_last(layer, qkv[split:])
+                attn = batch.attend_last(layer, qkv)
                 x, h = prefill.pick_last(x, split), prefill.pick_last(h, split)
-                if decode is not None:
-                    attn = torch.cat([decode.attend(layer, qkv[:split]), attn])
-            elif decode is not None and prefill is not None:
-                attn = torch.cat([decode.attend(layer, qkv[:split]), prefill.attend(layer, qkv[split:])])
             else:
-                attn = plans[0].attend(layer, qkv)
+                attn = batch.attend(layer, qkv)
             x = self._mlp_and_residual(x, h, w.dense(attn), w)
         # x holds the decode rows, then each chunk's last token
-        logits = self.lm_head(F.layer_norm(x, (self.hidden,), self.ln_f[0], self.ln_f[1], self.eps))
-        if decode is None:
-            return None, logits
-        if prefill is None:
-            return logits, None
-        return logits[:split], logits[split:]
+        return self.lm_head(F.layer_norm(x, (self.hidden,), self.ln_f[0], self.ln_f[1], self.eps))
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Prompt tokens for one row of the cache, at positions `start`.. (after what the row already holds)."""
+
+    row: int
+    start: int
+    tokens: Seq[int]
+
+
+class StepBatch:
+    """One step's tokens as one flat batch: a token for each of rows 0..`count`-1 (the decode rows, read from
+    the runner's buffers), then each segment's tokens; positions, rows and masks built once for all layers.
+
+    Attention over it is one call per layer (`attend`): the decode rows read their cache rows as views (or
+    their shared prefix once, `shared`), the segments attend causally after what their rows hold.
+    """
+
+    def __init__(self, runner: FalconRunner, count: int = 0, width: int = 0, shared: SharedPrefix | None = None,
+                 segments: Seq[Segment] = ()) -> None:
+        self.decode = _DecodePlan(runner, count, width, shared) if count else None
+        self.prefill = _PrefillPlan(runner, [s.row for s in segments], [s.tokens for s in segments],
+                                    [s.start for s in segments]) if segments else None
+        parts = [p.ids for p in (self.decode, self.prefill) if p is not None]
+        if not parts:
+            raise ValueError("a step of no tokens")
+        self.ids = torch.cat(parts) if len(parts) > 1 else parts[0]
+        self.count = count
+        self.segments = list(segments)
+
+    @property
+    def tokens(self) -> int:
+        """Tokens computed in this step."""
+        return int(self.ids.shape[0])
+
+    def attend(self, layer: int, qkv: torch.Tensor) -> torch.Tensor:
+        """Write this layer's keys and values of every token, and attend for every token: (tokens, H * D)."""
+        decode, prefill, split = self.decode, self.prefill, self.count
+        if decode is not None and prefill is not None:
+            return torch.cat([decode.attend(layer, qkv[:split]), prefill.attend(layer, qkv[split:])])
+        return (decode or prefill).attend(layer, qkv)  # type: ignore[union-attr]
+
+    def attend_last(self, layer: int, qkv: torch.Tensor) -> torch.Tensor:
+        """Write every token's keys and values; attend for the decode rows and each segment's last token only."""
+        assert self.prefill is not None
+        attn = self.prefill.attend_last(layer, qkv[self.count:])
+        if self.decode is not None:
+            attn = torch.cat([self.decode.attend(layer, qkv[: self.count]), attn])
+        return attn
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scale: float

@@ -16,8 +16,9 @@ class SequenceState:
     which runs ahead of `output_ids` (the tokens read back) when host work overlaps device work."""
 
     def __init__(self, stream: RequestStream, index: int, tokenizer: PreTrainedTokenizerBase, vocab: int,
-                 io: DeviceIO, max_len: int) -> None:
+                 io: DeviceIO, max_len: int, seq_id: int = 0) -> None:
         request = stream.request
+        self.seq_id = seq_id
         self.stream = stream
         self.index = index
         self.params = request.params

@@ -1,5 +1,6 @@
-"""FalconRunner and RunningBatch: the lean forward over a per-row KV cache computes what transformers
-computes, whatever the other rows hold, through staggered adds, removals and shared prefills."""
+"""FalconRunner and KVRows: the lean forward over a per-row KV cache computes what transformers computes,
+whatever the other rows hold, through staggered adds, removals, shared prefills and steps that decode and
+prefill in one pass (the rows driven as the engine drives them: rows_driver.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from rows_driver import RowsDriver
 
-from falcon_service.engine.batch import RunningBatch
 from falcon_service.engine.falcon import FalconRunner, UnsupportedModelError, check_architecture, make_linear
 
 ATOL = 1e-4  # float32, on the CPU and on CUDA (without TF32)
@@ -63,7 +64,7 @@ def test_chunks_after_cached_tokens_of_several_rows_in_one_pass(runner, tiny_mod
 
 
 def test_staggered_adds_steps_and_removals_match_each_sequence_alone(runner, tiny_model, texts):
-    batch = RunningBatch(runner)
+    batch = RowsDriver(runner)
     seqs: list[list[int]] = []  # row i's tokens so far (prompt + fed tokens)
 
     def feed(logits: torch.Tensor) -> None:
@@ -99,14 +100,14 @@ def test_staggered_adds_steps_and_removals_match_each_sequence_alone(runner, tin
 
 def test_n_choices_share_one_prefill(runner, tiny_model, texts):
     calls = []
-    original = runner.prefill
+    original = runner.forward
 
-    def counting(rows, chunks, offsets):
-        calls.append(list(rows))
-        return original(rows, chunks, offsets)
+    def counting(batch):
+        calls.append([s.row for s in batch.segments])
+        return original(batch)
 
-    runner.prefill = counting
-    batch = RunningBatch(runner)
+    runner.forward = counting
+    batch = RowsDriver(runner)
     logits = batch.add([texts[0], texts[1]], [3, 1])
     assert calls == [[0, 3]]  # one prefill row per prompt
     assert batch.size == 4 and batch.lengths == [len(texts[0])] * 3 + [len(texts[1])]
@@ -120,7 +121,7 @@ def test_n_choices_share_one_prefill(runner, tiny_model, texts):
 
 
 def test_batch_refuses_more_rows_than_the_cache_has(runner, texts):
-    batch = RunningBatch(runner)
+    batch = RowsDriver(runner)
     assert batch.capacity == runner.batch_rows == 7  # the staging and scratch rows come after them
     batch.add([texts[0]], [7])
     with pytest.raises(RuntimeError, match="full"):
@@ -142,16 +143,16 @@ def test_other_falcon_architectures_are_refused(tiny_model):
 
 
 def test_a_staged_prompt_joins_a_running_batch(runner, tiny_model, texts):
-    batch = RunningBatch(runner)
+    batch = RowsDriver(runner)
     batch.add([texts[0]], [1])
     running = [*texts[0], 9]
     long = texts[1]
     batch.stage(long[:4], 0)
     batch.step([9])  # the batch decodes between chunks
     running.append(11)
-    logits = batch.stage(long[4:], 4)
-    torch.testing.assert_close(logits[0], reference_logits(tiny_model, long), atol=ATOL, rtol=0)
-    batch.adopt_staged(long, 2)
+    logits = batch.stage(long[4:], 4, prompt=long, repeats=2)
+    for row in range(2):
+        torch.testing.assert_close(logits[row], reference_logits(tiny_model, long), atol=ATOL, rtol=0)
     assert batch.size == 3 and batch.lengths == [len(running) - 1, len(long), len(long)]
     step = batch.step([11, 3, 4])
     torch.testing.assert_close(step[0], reference_logits(tiny_model, running), atol=ATOL, rtol=0)
@@ -159,16 +160,40 @@ def test_a_staged_prompt_joins_a_running_batch(runner, tiny_model, texts):
     torch.testing.assert_close(step[2], reference_logits(tiny_model, [*long, 4]), atol=ATOL, rtol=0)
 
 
+def test_a_staged_chunk_decodes_in_the_same_pass_as_the_running_rows(runner, tiny_model, texts):
+    """A long prompt's chunk and the running rows' decode step are one pass (one forward), and equal each alone."""
+    batch = RowsDriver(runner)
+    first = batch.add([texts[0]], [1])
+    running = [*texts[0], int(first[0].argmax())]
+    long = texts[1]
+    calls = []
+    original = runner.forward
+
+    def counting(step):
+        calls.append((step.decode is not None, [(s.row, s.start, len(s.tokens)) for s in step.segments]))
+        return original(step)
+
+    runner.forward = counting
+    batch.stage(long[:4], 0, decode_tokens=[running[-1]])
+    running.append(7)
+    logits = batch.stage(long[4:], 4, decode_tokens=[7], prompt=long)
+    assert calls == [(True, [(runner.cache.staging_row, 0, 4)]), (True, [(runner.cache.staging_row, 4, len(long) - 4)])]
+    torch.testing.assert_close(logits[0], reference_logits(tiny_model, long), atol=ATOL, rtol=0)
+    step = batch.step([5, 6])
+    torch.testing.assert_close(step[0], reference_logits(tiny_model, [*running, 5]), atol=ATOL, rtol=0)
+    torch.testing.assert_close(step[1], reference_logits(tiny_model, [*long, 6]), atol=ATOL, rtol=0)
+
+
 def test_decoding_and_prefilling_in_one_pass_equals_each_alone(runner, tiny_model, texts):
-    batch = RunningBatch(runner)
+    batch = RowsDriver(runner)
     first = batch.add([texts[0], texts[1]], [1, 1])
     seqs = [[*texts[0], int(first[0].argmax())], [*texts[1], int(first[1].argmax())]]
     calls = []
     original = runner.forward
 
-    def counting(decode, prefill):
-        calls.append((decode is not None, prefill is not None))
-        return original(decode, prefill)
+    def counting(step):
+        calls.append((step.decode is not None, step.prefill is not None))
+        return original(step)
 
     runner.forward = counting
     decoded, added = batch.step_and_add([s[-1] for s in seqs], [texts[2], texts[3]], [2, 1])
@@ -191,7 +216,7 @@ def test_a_new_cache_holds_no_garbage(tiny_model):
 
 def test_a_padded_decode_step_equals_the_exact_one_and_writes_no_other_row(runner, texts):
     """What a CUDA graph of a bucket replays: more rows than the batch holds and a wider attention window."""
-    batch = RunningBatch(runner)
+    batch = RowsDriver(runner)
     batch.add(texts[:3], [1, 1, 1])
     batch.set_tokens(0, [5, 6, 7])
     width = max(batch.lengths) + 1
@@ -237,7 +262,7 @@ def test_bf16_logits_stay_within_the_stated_tolerance_of_transformers(tiny_check
 
     bf16 = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.bfloat16).to(TEST_DEVICE).eval()
     runner = FalconRunner(bf16, batch_rows=4, max_len=128)
-    batch = RunningBatch(runner)
+    batch = RowsDriver(runner)
     prompts = [texts[1], texts[2]]
     fed = [[11, 12, 13, 14, 15, 16, 17, 18], [21, 22, 23, 24, 25, 26, 27, 28]]
     ours = [batch.add(prompts, [1, 1]).float()]

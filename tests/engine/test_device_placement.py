@@ -15,12 +15,12 @@ import os
 
 import pytest
 import torch
+from rows_driver import RowsDriver
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from transformers import FalconForCausalLM
 
 from falcon_service.checkpoints import PRESETS, falcon_config
-from falcon_service.engine.batch import RunningBatch
 from falcon_service.engine.falcon import FalconRunner
 from falcon_service.engine.sampling import SamplingParams, SamplingState, sample
 
@@ -80,7 +80,7 @@ def states(model, count: int) -> list[SamplingState]:
 
 def test_prefill_decode_and_sampling_stay_on_the_device_without_host_reads(model):
     runner = FalconRunner(model, batch_rows=6, max_len=128)
-    batch = RunningBatch(runner)
+    batch = RowsDriver(runner)
     audit = MixedDevices()
     with audit, no_host_sync():
         # two prompts, one with two choices; then a decode step; then a new prompt joins a decode step
@@ -94,8 +94,7 @@ def test_prefill_decode_and_sampling_stay_on_the_device_without_host_reads(model
         batch.set_tokens(0, sampled.tokens)
         # a long prompt staged in two chunks (the second attends to the cached first), then it joins
         batch.stage(list(range(20, 30)), 0)
-        staged = batch.stage(list(range(30, 35)), 10)
-        batch.adopt_staged(list(range(20, 35)), 1)
+        staged = batch.stage(list(range(30, 35)), 10, prompt=list(range(20, 35)))
         batch.set_tokens(4, sample(staged, states(model, 1)).tokens)
         batch.remove([1])
         logits = batch.step()

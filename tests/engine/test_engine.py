@@ -240,12 +240,12 @@ async def test_overlapped_steps_deliver_a_step_while_the_next_one_runs(tiny_mode
     passes = []
 
     class HeldRunner(FalconRunner):  # holds the second forward pass until the test releases it
-        def forward(self, decode, prefill):
-            passes.append(decode is not None)
+        def forward(self, batch):
+            passes.append(batch.decode is not None)
             if len(passes) == 2:
                 second_pass_started.set()
                 release.wait(30)
-            return super().forward(decode, prefill)
+            return super().forward(batch)
 
     engine = Engine(tiny_model, tiny_tokenizer, ROOMY, runner_factory=HeldRunner, overlap=True, cuda_graphs=False)
     try:

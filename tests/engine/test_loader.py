@@ -149,7 +149,6 @@ def test_a_cpu_engine_prefills_128_prompt_tokens_per_step_unless_told(tiny_check
     """On a CPU a step's time grows with its prompt tokens: the default budget keeps steps short there, and a
     long prompt's chunks are longer while nothing decodes; a budget that is set holds for those too."""
     from falcon_service.engine.loader import EngineOptions, default_prefill_tokens, load_engine
-    from falcon_service.engine.scheduler import BatchLoad
 
     assert (default_prefill_tokens("cpu"), default_prefill_tokens("cuda")) == (128, 512)
     engine = load_engine(tiny_checkpoint, EngineOptions(device="cpu", dtype="float32", max_batch_size=2,
@@ -157,7 +156,7 @@ def test_a_cpu_engine_prefills_128_prompt_tokens_per_step_unless_told(tiny_check
     try:
         assert engine.limits.max_prefill_tokens == expected
         assert engine.scheduler.limits.max_prefill_tokens == expected
-        assert engine.limits.chunk_tokens(BatchLoad(rows=0)) == idle
-        assert engine.limits.chunk_tokens(BatchLoad(rows=1)) == expected
+        assert engine.limits.chunk_tokens(decoding=0) == idle
+        assert engine.limits.chunk_tokens(decoding=1) == expected
     finally:
         engine.shutdown()

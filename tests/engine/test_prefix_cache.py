@@ -11,9 +11,9 @@ import random
 
 import pytest
 import torch
+from rows_driver import RowsDriver
 
 from falcon_service.engine import prefix_cache
-from falcon_service.engine.batch import RunningBatch
 from falcon_service.engine.engine import Engine, GenerationRequest, SamplingParams
 from falcon_service.engine.falcon import FalconRunner
 from falcon_service.engine.prefix_cache import BLOCK, PrefixCache
@@ -130,16 +130,16 @@ def reference_logits(model, ids: list[int]) -> torch.Tensor:
 
 def test_a_reused_prefix_gives_the_logits_of_computing_it(tiny_model):
     runner = FalconRunner(tiny_model, batch_rows=3, max_len=128, pool_rows=5)
-    batch = RunningBatch(runner, prefix_caching=True)
+    batch = RowsDriver(runner, prefix_caching=True)
     system = tokens(2 * BLOCK + 3, seed=1)
     calls = []
-    original = runner.prefill
+    original = runner.forward
 
-    def counting(rows, chunks, offsets):
-        calls.append((list(offsets), [len(c) for c in chunks]))
-        return original(rows, chunks, offsets)
+    def counting(step):
+        calls.append(([s.start for s in step.segments], [len(s.tokens) for s in step.segments]))
+        return original(step)
 
-    runner.prefill = counting
+    runner.forward = counting
     first = [*system, *tokens(7, seed=2)]
     batch.add([first], [1])
     second = [*system, *tokens(9, seed=3)]
@@ -163,7 +163,7 @@ def test_a_reused_prefix_gives_the_logits_of_computing_it(tiny_model):
 
 def test_idle_rows_give_way_least_recently_used_first_and_running_rows_never(tiny_model):
     runner = FalconRunner(tiny_model, batch_rows=3, max_len=64, pool_rows=4)
-    batch = RunningBatch(runner, prefix_caching=True)
+    batch = RowsDriver(runner, prefix_caching=True)
     prompts = [tokens(BLOCK + 4, seed=s) for s in range(6)]
     batch.add(prompts[:3], [1, 1, 1])
     batch.remove([0, 1, 2], keep={i: (prompts[i], 0) for i in range(3)})
@@ -208,14 +208,14 @@ async def test_output_is_the_same_with_and_without_the_cache(tiny_model, tiny_to
     results = {}
     for caching in (False, True):
         engine = Engine(tiny_model, tiny_tokenizer, limits, prefix_caching=caching)
-        stage = engine._batch.stage
+        stage = engine._batch.rows.stage
 
         def recording(chunk, offset, match=None, stage=stage):
             if match is not None:
                 staged_starts.append(offset)
             return stage(chunk, offset, match)
 
-        engine._batch.stage = recording
+        engine._batch.rows.stage = recording
         try:
             got, cached = [], []
             for p in params:
@@ -265,7 +265,7 @@ async def test_a_soak_of_random_prefixes_evicts_idle_rows_and_memory_stays_flat(
         async with asyncio.timeout(TIMEOUT):
             while engine.stats()["running"]:  # the last wave's rows leave at the end of its step
                 await asyncio.sleep(0.01)
-        batch = engine._batch  # white box: what the index holds after 1,302 prefixes
+        batch = engine._batch.rows  # white box: what the index holds after 1,302 prefixes
         assert batch.prefixes is not None
         assert len(batch.idle) <= 12 and len(batch.prefixes) <= 12  # the pool's rows, nothing more
         assert batch.prefixes.indexed_blocks <= 12 * (129 + 3) // BLOCK
@@ -320,7 +320,7 @@ def test_cascade_attention_is_the_softmax_over_both_parts():
 @pytest.mark.parametrize("with_stranger", [True, False], ids=["some-rows-share", "all-rows-share"])
 def test_decode_rows_sharing_a_prefix_give_the_logits_of_each_alone(tiny_model, with_stranger):
     runner = FalconRunner(tiny_model, batch_rows=6, max_len=256, pool_rows=8)
-    batch = RunningBatch(runner, prefix_caching=True)
+    batch = RowsDriver(runner, prefix_caching=True)
     system = tokens(6 * BLOCK, seed=7)
     first = [*system, *tokens(5, seed=8)]
     batch.add([first], [1])
@@ -332,13 +332,13 @@ def test_decode_rows_sharing_a_prefix_give_the_logits_of_each_alone(tiny_model, 
     shared = batch.shared_prefix()
     assert shared is not None and shared.length == 6 * BLOCK and sorted(shared.rows) == [0, 1, 2, 3, 4]
     calls = []
-    original = runner.decode
+    original = runner.forward
 
-    def recording(count, width, shared=None):
-        calls.append(shared)
-        return original(count, width, shared)
+    def recording(step):
+        calls.append(step.decode.shared if step.decode is not None else None)
+        return original(step)
 
-    runner.decode = recording
+    runner.forward = recording
     fed = [5, 6, 7, 8, 9, 10][: len(seqs)]
     logits = batch.step(fed)
     assert calls and calls[0] is not None, "the rows did not attend to their prefix together"
