@@ -15,6 +15,7 @@ whatever the model's dtype.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
@@ -419,7 +420,9 @@ class _DecodePlan:
 
 
 class _PrefillPlan:
-    """Prompt chunks of some rows, right-padded to one width: positions, masks, where to write.
+    """Prompt segments of some rows, as flat tokens (no padding between them): positions, where each token's
+    key and value go, masks. Attention pads the segments to one width inside the call (only if their lengths
+    differ): every other op of the step sees just the real tokens.
 
     Index lists are computed on the host and uploaded; nothing is read back.
     """
@@ -429,51 +432,48 @@ class _PrefillPlan:
         io = runner.io
         n, width_q = len(rows), max(len(c) for c in chunks)
         self.n, self.width_q = n, width_q
-        self.count = n * width_q
         sizes = [len(c) for c in chunks]
+        self.count = sum(sizes)
         ends = [o + s for o, s in zip(offsets, sizes, strict=True)]
         ids: list[int] = []
         positions: list[int] = []
-        valid: list[int] = []  # flat indices of the real (not padding) query slots
         write_rows: list[int] = []
-        write_pos: list[int] = []
+        padded: list[int] = []  # each token's slot in the segments padded to one width
         for i, (row, chunk, start, end) in enumerate(zip(rows, chunks, offsets, ends, strict=True)):
-            pad = width_q - len(chunk)
-            ids += [*chunk, *([0] * pad)]
-            # padded query slots get the row's last real position: harmless, their outputs are never used
-            positions += [*range(start, end), *([end - 1] * pad)]
-            valid += range(i * width_q, i * width_q + len(chunk))
+            ids += chunk
+            positions += range(start, end)
             write_rows += [row] * len(chunk)
-            write_pos += range(start, end)
+            padded += range(i * width_q, i * width_q + len(chunk))
         # fresh prompts (nothing cached before them) attend only to themselves: causal attention over the
-        # chunk's own keys, SDPA's fast path; otherwise over the cache with an explicit mask
+        # segment's own keys, SDPA's fast path; otherwise over the cache with an explicit mask
         self.fresh = all(o == 0 for o in offsets)
         self.ids = io.upload(ids, torch.long)
-        pos = io.upload(positions, torch.long).view(n, width_q)
-        self.valid = io.upload(valid, torch.long)
+        pos = io.upload(positions, torch.long)
         self.write_rows = io.upload(write_rows, torch.long)
-        self.write_pos = io.upload(write_pos, torch.long)
-        self.last_index = io.upload([i * width_q + s - 1 for i, s in enumerate(sizes)], torch.long)
+        self.write_pos = pos
+        self.ragged = any(size != width_q for size in sizes)  # segments of different lengths: padded in attention
+        self.padded_index = io.upload(padded, torch.long) if self.ragged else None
+        self.last_index = io.upload(list(itertools.accumulate(sizes, initial=-1))[1:], torch.long)
         self.row_index = io.upload(list(rows), torch.long)
         self.width_k = max(ends)
-        # On a CPU, chunks that all continue after cached tokens attend in two parts merged by their
+        # On a CPU, segments that all continue after cached tokens attend in two parts merged by their
         # log-sum-exps: the cached tokens, which every query of a row sees (no mask unless the rows cache
         # different lengths: SDPA's flash kernel then runs unmasked, with the heads as the query rows of the
-        # one KV head), and the chunk itself, causally. For one request's 75 tokens after 1,024 cached ones:
+        # one KV head), and the segment itself, causally. For one request's 75 tokens after 1,024 cached ones:
         # 1.28 against 1.60 ms a layer alone, 2-3% of a step that also decodes 15 rows.
         self.cached = max(offsets) if runner.device.type == "cpu" and min(offsets) > 0 else 0
         # the ends, on the device, only for the masks that need them: the last tokens' mask over rows of
-        # different lengths, and `allowed` (chunks that attend over the cache in one pass)
+        # different lengths, and `allowed` (segments that attend over the cache in one pass)
         masked = not self.fresh and not self.cached
-        ragged = min(ends) != self.width_k  # rows of different lengths
-        ends_t = io.upload(ends, torch.long) if ragged or masked else None
+        ragged_ends = min(ends) != self.width_k  # rows of different lengths
+        ends_t = io.upload(ends, torch.long) if ragged_ends or masked else None
         key_pos = runner._positions[: self.width_k]
         # the last tokens' attention (last layer) over rows of different lengths: each row's own positions only
         self.last_mask: torch.Tensor | None = None
-        if ragged:
+        if ragged_ends:
             mask = torch.zeros(n, 1, 1, self.width_k, dtype=runner.dtype, device=runner.device)
             self.last_mask = mask.masked_fill_(key_pos >= ends_t[:, None, None, None], float("-inf"))
-        self.cos, self.signed_sin = runner.cos[pos].unsqueeze(1), runner.signed_sin[pos].unsqueeze(1)  # (n, 1, Sq, D)
+        self.cos, self.signed_sin = runner.cos[pos].unsqueeze(1), runner.signed_sin[pos].unsqueeze(1)  # (T, 1, D)
         self.allowed: torch.Tensor | None = None
         if self.cached:
             self.cached_bias = None
@@ -481,35 +481,46 @@ class _PrefillPlan:
                 pad = [[0.0] * o + [float("-inf")] * (self.cached - o) for o in offsets]
                 self.cached_bias = torch.tensor(pad, dtype=runner.dtype).view(n, 1, self.cached)
         elif masked:
-            allowed = (key_pos[None, None, :] <= pos[:, :, None]) & (key_pos[None, None, :] < ends_t[:, None, None])
-            self.allowed = allowed.unsqueeze(1)  # (n, 1, Sq, Sk)
+            # padded query slots get position -1 here: they see nothing, and their outputs are never used
+            slot_pos = torch.full((n * width_q,), -1, dtype=torch.long, device=runner.device)
+            slot_pos = slot_pos.index_copy_(0, self.padded_index, pos) if self.ragged else pos
+            slot_pos = slot_pos.view(n, width_q)
+            seen = key_pos[None, None, :] <= slot_pos[:, :, None]
+            self.allowed = (seen & (key_pos[None, None, :] < ends_t[:, None, None])).unsqueeze(1)  # (n, 1, Sq, Sk)
 
     def _rotate_and_write(self, layer: int, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The chunks' queries and their one key with rotary positions, the key and value written to the
-        cache; returns q (n, H, Sq, D), k and v (n, 1, Sq, D)."""
-        r, heads, n, width_q = self.runner, self.runner.num_heads, self.n, self.width_q
-        qkv = qkv.view(n, width_q, heads + 2, r.head_dim).transpose(1, 2)
-        qk = qkv[:, : heads + 1]
-        qk = rotary(qk, self.cos, self.signed_sin)
-        q, k, v = qk[:, :heads], qk[:, heads:], qkv[:, heads + 1:]
-        flat_k = k[:, 0].reshape(n * width_q, r.head_dim).index_select(0, self.valid)
-        flat_v = v[:, 0].reshape(n * width_q, r.head_dim).index_select(0, self.valid)
-        r.keys[layer].index_put_((self.write_rows, self.write_pos), flat_k)
-        r.values[layer].index_put_((self.write_rows, self.write_pos), flat_v)
+        """The tokens' queries and their one key with rotary positions, the key and value written to the
+        cache; returns q (T, H, D), k and v (T, D)."""
+        r, heads = self.runner, self.runner.num_heads
+        qkv = qkv.view(self.count, heads + 2, r.head_dim)
+        qk = rotary(qkv[:, : heads + 1], self.cos, self.signed_sin)
+        q, k, v = qk[:, :heads], qk[:, heads], qkv[:, heads + 1]
+        r.keys[layer].index_put_((self.write_rows, self.write_pos), k)
+        r.values[layer].index_put_((self.write_rows, self.write_pos), v)
         return q, k, v
 
+    def _segments(self, x: torch.Tensor) -> torch.Tensor:
+        """Flat tokens (T, ...) as the segments padded to one width: (n, width_q, ...)."""
+        if self.ragged:
+            assert self.padded_index is not None
+            x = x.new_zeros(self.n * self.width_q, *x.shape[1:]).index_copy_(0, self.padded_index, x)
+        return x.view(self.n, self.width_q, *x.shape[1:])
+
+    def _flat(self, x: torch.Tensor) -> torch.Tensor:
+        """The segments padded to one width (n * width_q, ...) back as flat tokens (T, ...)."""
+        return x.index_select(0, self.padded_index) if self.ragged else x  # type: ignore[arg-type]
+
     def pick_last(self, x: torch.Tensor, split: int) -> torch.Tensor:
-        """Of `x` (split decode rows, then the chunks' padded tokens), the decode rows and each chunk's
-        last token."""
+        """Of `x` (split decode rows, then the segments' tokens), the decode rows and each segment's last token."""
         last = x[split:].index_select(0, self.last_index)
         return torch.cat([x[:split], last]) if split else last
 
     def attend_last(self, layer: int, qkv: torch.Tensor) -> torch.Tensor:
-        """Write every chunk token's key and value, and attend for each chunk's last token only, over its
-        row's whole context (the cache now holds it): (n, H * D)."""
+        """Write every token's key and value, and attend for each segment's last token only, over its row's
+        whole context (the cache now holds it): (n, H * D)."""
         r, heads, n = self.runner, self.runner.num_heads, self.n
         q, _, _ = self._rotate_and_write(layer, qkv)
-        last_q = q.transpose(1, 2).reshape(n * self.width_q, heads, r.head_dim).index_select(0, self.last_index)
+        last_q = q.index_select(0, self.last_index)
         keys = r.keys[layer, :, : self.width_k].index_select(0, self.row_index)
         values = r.values[layer, :, : self.width_k].index_select(0, self.row_index)
         return decode_attention(last_q, keys, values, self.last_mask, r.scale).reshape(n, heads * r.head_dim)
@@ -517,20 +528,22 @@ class _PrefillPlan:
     def attend(self, layer: int, qkv: torch.Tensor) -> torch.Tensor:
         r, heads, n, width_q = self.runner, self.runner.num_heads, self.n, self.width_q
         q, k, v = self._rotate_and_write(layer, qkv)
+        q = self._segments(q).transpose(1, 2)  # (n, H, Sq, D)
         if self.fresh:
+            k, v = self._segments(k).unsqueeze(1), self._segments(v).unsqueeze(1)  # (n, 1, Sq, D)
             attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=r.scale, enable_gqa=True)
         elif self.cached:
-            attn = self._after_cached(layer, q, k, v)
+            attn = self._after_cached(layer, q, self._segments(k).unsqueeze(1), self._segments(v).unsqueeze(1))
         else:
             keys = r.keys[layer, :, : self.width_k].index_select(0, self.row_index).unsqueeze(1)
             values = r.values[layer, :, : self.width_k].index_select(0, self.row_index).unsqueeze(1)
             attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=self.allowed, scale=r.scale,
                                                   enable_gqa=True)
-        return attn.transpose(1, 2).reshape(n * width_q, heads * r.head_dim)
+        return self._flat(attn.transpose(1, 2).reshape(n * width_q, heads * r.head_dim))
 
     def _after_cached(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Attention of chunks that continue after cached tokens, in the two parts (CPU): q (n, H, Sq, D),
-        the chunks' own keys and values (n, 1, Sq, D); returns (n, H, Sq, D)."""
+        """Attention of segments that continue after cached tokens, in the two parts (CPU): q (n, H, Sq, D),
+        the segments' own keys and values (n, 1, Sq, D); returns (n, H, Sq, D)."""
         r, n, heads, width_q, dim = self.runner, self.n, self.runner.num_heads, self.width_q, self.runner.head_dim
         keys = r.keys[layer, :, : self.cached].index_select(0, self.row_index)
         values = r.values[layer, :, : self.cached].index_select(0, self.row_index)
