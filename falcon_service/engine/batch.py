@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .cuda_graphs import DecodeGraphs
+from .cuda_graphs import DecodeGraphs, StepGraphs
 from .falcon import FalconRunner, Segment, StepBatch
 from .kv_rows import KVRows
 from .prefix_cache import PrefixMatch
@@ -51,12 +51,15 @@ class RunningBatch:
     """Steps over a runner's KV rows. `run` returns one row of logits per sequence sampled at this step, in
     row order: the decoding rows, then each new prompt's sequences, then the staged prompt's once whole.
 
-    `graphs` replays pure decode steps as CUDA graphs (or, in tests, what stands in for them).
+    `graphs` replays pure decode steps as CUDA graphs, `step_graphs` the steps that prefill, by token count (or,
+    in tests, what stands in for them).
     """
 
-    def __init__(self, runner: FalconRunner, graphs: DecodeGraphs | None = None, prefix_caching: bool = False) -> None:
+    def __init__(self, runner: FalconRunner, graphs: DecodeGraphs | None = None, prefix_caching: bool = False,
+                 step_graphs: StepGraphs | None = None) -> None:
         self.runner = runner
         self.graphs = graphs
+        self.step_graphs = step_graphs
         # cascade attention (rows attending to a shared prefix together) is for eager steps: a captured graph
         # has fixed shapes
         self.rows = KVRows(runner, prefix_caching, cascade=graphs is None)
@@ -125,4 +128,7 @@ class RunningBatch:
         if count and not segments and self.graphs is not None:
             return self.graphs.decode(count, width)
         shared = self.rows.shared_prefix() if count else None
-        return self.runner.forward(StepBatch(self.runner, count, width, shared, segments))
+        batch = StepBatch(self.runner, count, width, shared, segments)
+        if segments and self.step_graphs is not None:
+            return self.step_graphs.forward(batch)
+        return self.runner.forward(batch)

@@ -1,4 +1,6 @@
-"""Decode steps captured as CUDA graphs, one per (batch size, attention width) bucket, and replayed.
+"""Steps captured as CUDA graphs and replayed: pure decode steps whole, one graph per (batch size, attention
+width) bucket (`DecodeGraphs`); steps that prefill, mixed with decode rows or not, in pieces between the
+attention calls, one set per token-count bucket (`StepGraphs`).
 
 A decode step of Falcon-7B launches several hundred small kernels; launched one by one from
 Python they cost more host time than the GPU needs to run them at small batch sizes. Captured
@@ -22,7 +24,7 @@ from collections.abc import Callable
 
 import torch
 
-from .falcon import FalconRunner
+from .falcon import FalconRunner, StepBatch
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,16 @@ def width_buckets(max_len: int, smallest: int = 128) -> list[int]:
         widths.append(w)
         w *= 2
     return [*widths, max_len]
+
+
+def token_buckets(max_tokens: int) -> list[int]:
+    """Token counts of a step's flat batch: 1, 2, 4, 8, then steps of 8 to 128, of 16 to 256, of 32 to 512, and
+    so on (at most 7 padding tokens, or one in eight), and `max_tokens` itself."""
+    sizes, size = [1, 2, 4], 8
+    while size < max_tokens:
+        sizes.append(size)
+        size += max(8, 1 << (size.bit_length() - 4))
+    return sorted({s for s in sizes if s < max_tokens} | {max_tokens})
 
 
 def bucket(value: int, buckets: list[int]) -> int | None:
@@ -117,3 +129,100 @@ class DecodeGraphs:
             self._capture(rows, bucket_width)
         self._graphs[(rows, bucket_width)]()
         return self.out[:count]
+
+
+class StepGraphs:
+    """Steps that prefill, replayed by token-count bucket: everything between two attention calls (layer norm,
+    the projections, the MLP, the residuals) captured once per bucket as a piece; the attention calls, whose
+    shapes follow the step's prompts, run between the pieces as they come.
+
+    A step of T tokens runs the pieces of the smallest bucket of at least T: its tokens are copied into fixed
+    buffers, and the padding tokens after them pass through the pieces but never through attention (so they
+    write no key or value), and their outputs are never read. `capture` as in `DecodeGraphs`.
+    """
+
+    def __init__(self, runner: FalconRunner, max_tokens: int, capture: Capture | None = None) -> None:
+        if capture is None:
+            if runner.device.type != "cuda":
+                raise ValueError("CUDA graphs need a CUDA device")
+            self._pool = torch.cuda.graph_pool_handle()
+            self._stream = torch.cuda.Stream(device=runner.device)
+            capture = self._cuda_graph
+        self._capture_piece = capture
+        self.runner = runner
+        self.buckets = token_buckets(max_tokens)
+        size, dims = max_tokens, (runner.num_heads + 2) * runner.head_dim
+        new = {"dtype": runner.dtype, "device": runner.device}
+        self.ids = torch.zeros(size, dtype=torch.long, device=runner.device)
+        self.x = torch.zeros(size, runner.hidden, **new)
+        self.h = torch.zeros(size, runner.hidden, **new)
+        self.qkv = torch.zeros(size, dims, **new)
+        self.attn = torch.zeros(size, runner.num_heads * runner.head_dim, **new)
+        self._pieces: dict[int, list[Step]] = {}
+
+    @property
+    def captured(self) -> set[int]:
+        """The token buckets captured so far."""
+        return set(self._pieces)
+
+    def capture_all(self) -> float:
+        """Capture every bucket not captured yet, largest first; seconds."""
+        start = time.perf_counter()
+        for tokens in reversed(self.buckets):
+            if tokens not in self._pieces:
+                self._capture(tokens)
+        if self.runner.device.type == "cuda":
+            torch.cuda.synchronize(self.runner.device)
+        seconds = time.perf_counter() - start
+        log.info("captured the pieces of steps of %d token counts in %.1f s", len(self._pieces), seconds)
+        return seconds
+
+    def _capture(self, tokens: int) -> None:
+        runner, layers = self.runner, len(self.runner.layers)
+        x, h, qkv, attn = self.x[:tokens], self.h[:tokens], self.qkv[:tokens], self.attn[:tokens]
+
+        def first() -> None:
+            x.copy_(torch.nn.functional.embedding(self.ids[:tokens], runner.embed))
+            normed, projected = runner.pre_attention(0, x)
+            h.copy_(normed)
+            qkv.copy_(projected)
+
+        def between(layer: int) -> Step:  # after the attention of `layer`, up to the next one's
+            def piece() -> None:
+                x.copy_(runner.post_attention(layer, x, h, attn))
+                if layer + 1 < layers:
+                    normed, projected = runner.pre_attention(layer + 1, x)
+                    h.copy_(normed)
+                    qkv.copy_(projected)
+            return piece
+
+        self._pieces[tokens] = [self._capture_piece(first)] + [self._capture_piece(between(i)) for i in range(layers)]
+
+    def _cuda_graph(self, piece: Step) -> Step:
+        device = self.runner.device
+        self._stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(self._stream):
+            for _ in range(2):  # warm-up: library handles, kernel choices
+                piece()
+        torch.cuda.current_stream(device).wait_stream(self._stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool, stream=self._stream, capture_error_mode="thread_local"):
+            piece()
+        return graph.replay
+
+    @torch.inference_mode()
+    def forward(self, batch: StepBatch) -> torch.Tensor:
+        """What `runner.forward(batch)` returns: the logits of the decode rows, then of each segment's last token."""
+        tokens = batch.tokens
+        size = bucket(tokens, self.buckets)
+        if size is None:
+            return self.runner.forward(batch)
+        if size not in self._pieces:
+            self._capture(size)
+        pieces = self._pieces[size]
+        self.ids[:tokens].copy_(batch.ids)
+        pieces[0]()
+        for layer in range(len(self.runner.layers)):
+            self.attn[:tokens].copy_(batch.attend(layer, self.qkv[:tokens]))
+            pieces[layer + 1]()
+        return self.runner.logits(self.x[:tokens].index_select(0, batch.logit_rows()))

@@ -27,7 +27,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .batch import NewPrompt, RunningBatch, StagedChunk
-from .cuda_graphs import Capture, DecodeGraphs
+from .cuda_graphs import Capture, DecodeGraphs, StepGraphs
 from .falcon import FalconRunner, context_length
 from .grammar import GrammarCompiler, GrammarLimits
 from .prefix_cache import PrefixMatch, salt_key
@@ -68,7 +68,8 @@ class Engine:
 
     `cuda_graphs` and `overlap` default to on for a CUDA model and off on the CPU (where there is
     no launch overhead to save and no device to overlap with). `graph_capture` replaces the CUDA
-    graph capture (tests replay decode steps through the same buckets on a CPU).
+    graph capture (tests replay decode steps, and the pieces of steps that prefill, through the same
+    buckets on a CPU).
 
     The KV budget (`limits.max_batch_tokens`) buys whole-context rows. At most `max_batch_size` run;
     with `prefix_caching` the others keep finished sequences' prefixes for new prompts to reuse.
@@ -99,8 +100,12 @@ class Engine:
         on_cuda = self._runner.device.type == "cuda"
         self.overlap = on_cuda if overlap is None else overlap
         self.graphs: DecodeGraphs | None = None
+        self.step_graphs: StepGraphs | None = None
         if graph_capture is not None or (on_cuda if cuda_graphs is None else cuda_graphs):
-            self.graphs = DecodeGraphs(self._runner, graph_capture)  # buckets are captured when first needed
+            # buckets are captured when first needed (or all before serving: capture_graphs)
+            self.graphs = DecodeGraphs(self._runner, graph_capture)
+            step_tokens = rows + max(limits.max_prefill_tokens, limits.idle_prefill_tokens or 0)
+            self.step_graphs = StepGraphs(self._runner, step_tokens, graph_capture)
         self._batch = self._new_batch()
         self._sequences: dict[int, SequenceState] = {}  # the running sequences, by id
         self._pending: list[_Launched] = []  # launched at earlier steps, not yet read back (overlap)
@@ -112,11 +117,12 @@ class Engine:
         self._thread.start()
 
     def capture_graphs(self) -> float:
-        """Capture every decode graph now (before serving), so no step waits for a capture; seconds."""
-        return self.graphs.capture_all() if self.graphs is not None else 0.0
+        """Capture every graph now (before serving), so no step waits for a capture; seconds."""
+        seconds = self.graphs.capture_all() if self.graphs is not None else 0.0
+        return seconds + (self.step_graphs.capture_all() if self.step_graphs is not None else 0.0)
 
     def _new_batch(self) -> RunningBatch:
-        return RunningBatch(self._runner, self.graphs, self.prefix_caching)
+        return RunningBatch(self._runner, self.graphs, self.prefix_caching, self.step_graphs)
 
     # ---- caller side (any event loop) ----
 

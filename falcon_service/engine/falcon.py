@@ -218,22 +218,36 @@ class FalconRunner:
         """The decoder over one step's flat batch of tokens: the linears and MLPs see all of them in one
         matmul, and each layer's attention is one call (`StepBatch.attend`). Returns the logits of the
         decode rows, then of each segment's last token."""
-        decode, prefill = batch.decode, batch.prefill
-        split = decode.count if decode is not None else 0
+        prefill = batch.prefill
         x = F.embedding(batch.ids, self.embed)
         last_layer = len(self.layers) - 1
-        for layer, w in enumerate(self.layers):
-            h = F.layer_norm(x, (self.hidden,), w.ln_weight, w.ln_bias, self.eps)
-            qkv = w.qkv(h)
+        for layer in range(len(self.layers)):
+            h, qkv = self.pre_attention(layer, x)
             if prefill is not None and layer == last_layer:
                 # the last layer's output is wanted only where logits are: each chunk's last token (and
                 # every decode row); the chunk's other tokens need only their keys and values written
                 attn = batch.attend_last(layer, qkv)
-                x, h = prefill.pick_last(x, split), prefill.pick_last(h, split)
+                x, h = prefill.pick_last(x, batch.count), prefill.pick_last(h, batch.count)
             else:
                 attn = batch.attend(layer, qkv)
-            x = self._mlp_and_residual(x, h, w.dense(attn), w)
+            x = self.post_attention(layer, x, h, attn)
         # x holds the decode rows, then each chunk's last token
+        return self.logits(x)
+
+    # the forward in pieces between the attention calls (cuda_graphs.StepGraphs captures them per token count)
+
+    def pre_attention(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A layer's normed input and its queries, key and value (before rotary positions)."""
+        w = self.layers[layer]
+        h = F.layer_norm(x, (self.hidden,), w.ln_weight, w.ln_bias, self.eps)
+        return h, w.qkv(h)
+
+    def post_attention(self, layer: int, x: torch.Tensor, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """The layer's output: its input, plus the attention's projection and the MLP of the normed input."""
+        w = self.layers[layer]
+        return self._mlp_and_residual(x, h, w.dense(attn), w)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.lm_head(F.layer_norm(x, (self.hidden,), self.ln_f[0], self.ln_f[1], self.eps))
 
 
@@ -270,6 +284,13 @@ class StepBatch:
     def tokens(self) -> int:
         """Tokens computed in this step."""
         return int(self.ids.shape[0])
+
+    def logit_rows(self) -> torch.Tensor:
+        """Where in the flat batch the tokens whose logits are wanted are: every decode row, each segment's last."""
+        decode = self.decode.rows_index if self.decode is not None else None
+        last = self.prefill.last_index + self.count if self.prefill is not None else None
+        parts = [p for p in (decode, last) if p is not None]
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     def attend(self, layer: int, qkv: torch.Tensor) -> torch.Tensor:
         """Write this layer's keys and values of every token, and attend for every token: (tokens, H * D)."""
@@ -380,6 +401,7 @@ class _DecodePlan:
             self.group = None if not others else io.upload(shared.rows, torch.long)
             self.others = io.upload(others, torch.long) if others else None
         self.ids = runner.tokens[:count]
+        self.rows_index = runner._positions[:count]  # the decode rows' places in the flat batch: 0..count-1
         lengths = runner.lengths[:count]
         self.lengths = lengths
         self.rows = runner.write_rows[:count]

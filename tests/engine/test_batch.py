@@ -302,3 +302,55 @@ def test_bf16_decode_attention_keeps_scores_and_softmax_in_float32():
 
     got = decode_attention(q, k, v, mask, 0.125)
     assert error(got) <= 1.5 * error(exact.to(torch.bfloat16))
+
+
+def test_a_step_replayed_in_pieces_of_its_token_bucket_equals_the_eager_one(tiny_model, texts):
+    """What a captured mixed step runs: the pieces between attention calls over fixed buffers padded to the
+    token bucket. The logits are the eager forward's, and the padding tokens write no key or value."""
+    from falcon_service.engine.cuda_graphs import StepGraphs, bucket
+    from falcon_service.engine.falcon import Segment, StepBatch
+
+    def make() -> tuple[FalconRunner, RowsDriver]:
+        runner = FalconRunner(tiny_model, batch_rows=6, max_len=128)
+        driver = RowsDriver(runner)
+        driver.add([texts[0], texts[3]], [1, 1])
+        driver.set_tokens(0, [5, 6])
+        runner.prefill([4], [texts[1][:4]], [0])  # a row that continues after what it holds
+        return runner, driver
+
+    def step(runner: FalconRunner) -> StepBatch:
+        segments = [Segment(2, 0, texts[2]), Segment(3, 0, texts[0][:3]), Segment(4, 4, texts[1][4:])]
+        return StepBatch(runner, 2, max(len(texts[0]), len(texts[3])) + 1, None, segments)
+
+    eager_runner, _ = make()
+    eager = eager_runner.forward(step(eager_runner))
+    runner, _ = make()
+    before = runner.keys.clone()
+    replays: list[int] = []
+
+    def capture(piece):
+        def replay() -> None:
+            replays.append(1)
+            piece()
+        return replay
+
+    graphs = StepGraphs(runner, max_tokens=64, capture=capture)
+    batch = step(runner)
+    assert bucket(batch.tokens, graphs.buckets) > batch.tokens, "the test needs padding tokens"
+    replayed = graphs.forward(batch)
+    torch.testing.assert_close(replayed, eager, atol=ATOL, rtol=0)
+    assert len(replays) == 1 + len(runner.layers)
+    torch.testing.assert_close(runner.keys, eager_runner.keys, atol=1e-5, rtol=0)
+    written = (runner.keys != before).any(-1)  # (layers, rows, positions) that changed
+    assert not written[:, 5:].any(), "nothing past the step's rows was written (padding never reaches the cache)"
+
+
+def test_token_buckets_cover_every_step_with_little_padding():
+    from falcon_service.engine.cuda_graphs import bucket, token_buckets
+
+    buckets = token_buckets(768)
+    assert buckets[:6] == [1, 2, 4, 8, 16, 24] and buckets[-1] == 768 and len(buckets) < 48
+    for tokens in range(1, 769):
+        chosen = bucket(tokens, buckets)
+        assert chosen is not None and tokens <= chosen and chosen - tokens <= max(7, tokens // 8)
+    assert token_buckets(5) == [1, 2, 4, 5]

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
+from falcon_service.engine.cuda_graphs import bucket
 from falcon_service.engine.engine import (
     ChoiceEvent,
     Engine,
@@ -157,6 +158,44 @@ async def test_greedy_matches_generate(make_engine, tiny_model, tiny_tokenizer, 
     if graphs:  # decode steps went through buckets: 1 row alone; 5 rows padded to 8 together
         assert engine.graphs is not None and len(replays) > 2 * (max_new - 1)
         assert {rows for rows, _ in engine.graphs.buckets} >= {1, 8}
+        assert engine.step_graphs is not None and engine.step_graphs.captured  # the prefills, by token count
+
+
+async def test_mixed_steps_through_token_buckets_match_generate(make_engine, tiny_model, tiny_tokenizer, prompts):
+    """Steps that decode and prefill at once (prompts arriving while others decode, a long one in chunks beside
+    them) replayed through the captured pieces of their token-count bucket: greedy equals `generate`."""
+    replays: list[int] = []
+    limits = BatchLimits(max_batch_size=8, max_batch_tokens=8 * 2048, max_prefill_tokens=24, max_queue_size=16)
+    engine = make_engine(tiny_model, limits, graph_capture=replaying_capture(replays))
+    long_prompt = tiny_tokenizer.encode(" ".join(TEXTS), add_special_tokens=False)
+    assert len(long_prompt) > 3 * 24
+    requests = [(prompts[3], 16), (prompts[1], 12), (long_prompt, 6), (prompts[4], 10), (prompts[0], 9)]
+    expected = []
+    for prompt, max_new in requests:
+        out = tiny_model.generate(torch.tensor([prompt], device=tiny_model.device),
+                                  attention_mask=torch.ones(1, len(prompt), dtype=torch.long, device=tiny_model.device),
+                                  max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False,
+                                  pad_token_id=tiny_tokenizer.eos_token_id)
+        expected.append(out[0, len(prompt):].tolist())
+    pieces = engine.step_graphs
+    assert pieces is not None
+    mixed: list[tuple[int, int]] = []  # (decode rows, tokens) of each step that prefilled
+    forward = pieces.forward
+
+    def recording(batch):
+        mixed.append((batch.count, batch.tokens))
+        return forward(batch)
+
+    pieces.forward = recording
+    tasks = []
+    for (prompt, max_new), _ in zip(requests, expected, strict=True):
+        tasks.append(asyncio.ensure_future(run_one(engine, prompt, greedy(max_new, ignore_eos=True))))
+        await asyncio.sleep(0.02)  # arrivals while the earlier ones decode
+    results = await asyncio.gather(*tasks)
+    assert [r[0].tokens for r in results] == expected
+    assert any(rows > 0 for rows, _ in mixed), "no step decoded and prefilled at once"
+    assert len({bucket(tokens, pieces.buckets) for _, tokens in mixed}) >= 2
+    assert pieces.captured == {bucket(tokens, pieces.buckets) for _, tokens in mixed}
 
 
 # ---------- batch invariance ----------
