@@ -29,7 +29,10 @@ class Settings(BaseModel):
         "auto", description="auto: bfloat16 on CUDA; on CPU the checkpoint's own dtype, but float32 where the CPU "
         "lacks fast bf16 matmuls and float32 fits"
     )
-    max_batch_size: int = Field(64, ge=1, description="sequences decoding together (each of n choices counts)")
+    max_batch_size: int | None = Field(
+        None, ge=1, description="sequences decoding together (each of n choices counts); default: 256 on a GPU "
+        "(where a decode step reads the weights once for all rows, and 256 Falcon-7B rows are 4 GiB of KV cache), "
+        "64 on CPU (where a step's time grows with its rows)")
     max_batch_tokens: int | None = Field(
         None, ge=1, description="KV-cache token budget (running sequences and cached prefixes); default: derived "
         "from free memory, up to twice max_batch_size contexts with prefix caching"

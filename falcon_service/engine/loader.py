@@ -223,13 +223,24 @@ def default_prefill_tokens(device: str) -> int:
     return DEFAULT_PREFILL_TOKENS["cpu" if device == "cpu" else "cuda"]
 
 
+# Sequences decoding together, by device, unless set. On a GPU a decode step reads the weights once for all
+# its rows: more rows cost little until attention's reads of the KV cache catch up (vLLM defaults to 256; a
+# Falcon-7B row is 16 MiB of bf16 KV cache, so 256 rows, and as many kept prefixes, take 8 GiB). On a CPU a
+# step's time grows with its rows (the measured workloads peak around 16-32 clients).
+DEFAULT_BATCH_SIZE = {"cpu": 64, "cuda": 256}
+
+
+def default_batch_size(device: str) -> int:
+    return DEFAULT_BATCH_SIZE["cpu" if device == "cpu" else "cuda"]
+
+
 @dataclass(frozen=True)
 class EngineOptions:
     """How to load and run a model (the service builds it from its settings)."""
 
     device: str = "auto"  # auto: CUDA when present
     dtype: str = "auto"  # see `choose_dtype`
-    max_batch_size: int = 64
+    max_batch_size: int | None = None  # default: `default_batch_size(device)`
     max_batch_tokens: int | None = None  # default: from free memory
     kv_cache_memory_fraction: float = 0.5
     max_prefill_tokens: int | None = None  # default: `default_prefill_tokens(device)`
@@ -265,12 +276,13 @@ def load_engine(path: str | Path, options: EngineOptions, observer=None):
     estimate.check()
     model, tokenizer = load_model(path, device, dtype)
     # with prefix caching the pool holds up to as many finished prefixes as running sequences
-    pool_rows = options.max_batch_size * (2 if options.prefix_caching else 1)
+    batch_size = options.max_batch_size or default_batch_size(device)
+    pool_rows = batch_size * (2 if options.prefix_caching else 1)
     budget = options.max_batch_tokens or default_kv_budget(
         model.config, model.dtype, model.device, options.kv_cache_memory_fraction, pool_rows, max_len)
     prefill_tokens = options.max_prefill_tokens or default_prefill_tokens(device)
     idle_tokens = None if options.max_prefill_tokens else IDLE_PREFILL_TOKENS
-    limits = BatchLimits(options.max_batch_size, budget, prefill_tokens, options.max_queue_size, idle_tokens)
+    limits = BatchLimits(batch_size, budget, prefill_tokens, options.max_queue_size, idle_tokens)
     threads = options.torch_threads or len(os.sched_getaffinity(0))
     engine = Engine(model, tokenizer, limits, observer=observer,
                     runner_factory=partial(FalconRunner, release_weights=True),

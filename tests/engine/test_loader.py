@@ -160,3 +160,17 @@ def test_a_cpu_engine_prefills_128_prompt_tokens_per_step_unless_told(tiny_check
         assert engine.limits.chunk_tokens(decoding=1) == expected
     finally:
         engine.shutdown()
+
+
+def test_the_batch_size_defaults_to_the_device_s(tiny_checkpoint):
+    """256 sequences on a GPU (a decode step reads the weights once for all rows), 64 on a CPU; a set size holds."""
+    from falcon_service.engine.loader import EngineOptions, default_batch_size, load_engine
+
+    assert (default_batch_size("cpu"), default_batch_size("cuda")) == (64, 256)
+    for setting, expected in ((None, 64), (3, 3)):
+        engine = load_engine(tiny_checkpoint, EngineOptions(device="cpu", dtype="float32", max_batch_size=setting,
+                                                            max_batch_tokens=2048 * 128, prefix_caching=False))
+        try:
+            assert engine.limits.max_batch_size == expected
+        finally:
+            engine.shutdown()
