@@ -7,10 +7,14 @@ is reported and the next one runs):
 2. the `7b` preset (Falcon-7B's exact shape, random bf16 weights) built on the GPU into a fresh
    BentoML home, timed;
 3. model checks (`gpu_model_checks.py`): copy bandwidth and the roofline (bandwidth / weight
-   bytes), logits against transformers at batch 1 and 64, transformers' compiled `generate`;
-4. the service under load: `bentoml serve` (or, where BentoML cannot be imported, the engine in
-   process: the report says which) at 1, 16 and 64 concurrent streams of 64 output tokens from
-   prompts of about 32 tokens, `ignore_eos`.
+   bytes), logits against transformers at batch 1 and 64 and in a mixed step (float32 distance too),
+   the decode step by batch size, the mixed step (64 decode rows + a 32-token prompt) against the
+   pure 64-row decode step;
+4. transformers' compiled `generate` (the single-stream peer), in a process of its own (inductor
+   crashed once: it takes nothing else with it);
+5. the service under load: `bentoml serve` (or, where BentoML cannot be imported, the engine in
+   process: the report says which) at 1, 16, 64 and 256 concurrent streams of 64 output tokens from
+   prompts of about 32 tokens, `ignore_eos`, with the GPU's busy share sampled (NVML) during each.
 
 Writes `gpu_check.md` (the table), `gpu_check.json` and logs to `--out` (default `$OUT`).
 Also runs on a CPU with `--preset tiny` as a dry run of every path (numbers meaningless there).
@@ -35,9 +39,55 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 # the issue's targets
-TARGET_ROOFLINE_SHARE = 0.75
+TARGET_ROOFLINE_SHARE = 0.80
 TARGET_TOK_S_64 = 6000.0
 TARGET_TTFT_P50_64_MS = 150.0
+TARGET_ITL_VS_STEP_64 = 1.3  # ITL p50 at 64 streams against the graphed 64-row decode step
+TARGET_TOK_S_256 = 12000.0
+TARGET_TTFT_P50_256_MS = 500.0
+TARGET_MIXED_VS_DECODE = 1.3
+TARGET_BUSY_64 = 0.90
+
+
+class BusySampler:
+    """The GPU's busy share while a load runs: NVML's utilization (the share of time a kernel ran), sampled
+    every 100 ms on a thread; None where NVML is missing."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+            self._nvml = pynvml
+        except Exception:
+            self._nvml = None
+
+    def __enter__(self) -> BusySampler:
+        import threading
+
+        if self._nvml is not None:
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.1):
+            self.samples.append(self._nvml.nvmlDeviceGetUtilizationRates(self._handle).gpu / 100)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    @property
+    def share(self) -> float | None:
+        return sum(self.samples) / len(self.samples) if self.samples else None
 
 
 class Check:
@@ -113,16 +163,25 @@ def phase_build(check: Check, env: dict, preset: str, device: str, timeout: floa
     return model.path
 
 
-def phase_model(check: Check, env: dict, path: str, device: str, timeout: float, compile_peer: bool) -> dict:
+def phase_model(check: Check, env: dict, path: str, device: str, timeout: float) -> dict:
     out = check.out / "model_checks.json"
     cmd = [sys.executable, "benchmarks/gpu_model_checks.py", "--checkpoint", path, "--out", str(out),
-           "--device", device]
-    if not compile_peer:
-        cmd.append("--no-compile")
+           "--device", device, "--skip-peer"]
     check.run("model", cmd, timeout, env)
     result = json.loads(out.read_text()) if out.is_file() else {}
     check.phase("model", **result)
     return result
+
+
+def phase_peer(check: Check, env: dict, path: str, device: str, timeout: float, compile_peer: bool) -> None:
+    out = check.out / "peer.json"
+    cmd = [sys.executable, "benchmarks/gpu_model_checks.py", "--checkpoint", path, "--out", str(out),
+           "--device", device, "--only-peer"]
+    if not compile_peer:
+        cmd.append("--no-compile")
+    check.run("peer", cmd, timeout, env)
+    result = json.loads(out.read_text()) if out.is_file() else {}
+    check.phase("peer", **(result.get("peer") or {}))
 
 
 async def _in_process_load(path: str, levels: list[tuple[int, int]], max_tokens: int, prompt_len: int) -> dict:
@@ -192,7 +251,7 @@ def phase_serve(check: Check, env: dict, tag: str, path: str, levels: list[tuple
         check.phase("serve", levels=result, status="ok", seconds=round(time.perf_counter() - start, 1))
         return
     port = free_port()
-    serve_env = {**env, "FALCON_MODEL": tag, "FALCON_MAX_BATCH_SIZE": "64", "FALCON_LOG_LEVEL": "INFO"}
+    serve_env = {**env, "FALCON_MODEL": tag, "FALCON_LOG_LEVEL": "INFO"}  # the batch size: the GPU's default
     log = (check.out / "serve.log").open("a")
     cmd = [sys.executable, "-m", "bentoml", "serve", "service:FalconService", "--port", str(port)]
     check.note(f"serve: {' '.join(cmd)}")
@@ -223,10 +282,13 @@ def phase_serve(check: Check, env: dict, tag: str, path: str, levels: list[tuple
         tokenizer = AutoTokenizer.from_pretrained(path)
         results = {}
         for i, (concurrency, requests) in enumerate(levels):
-            level = asyncio.run(stream_client.run_level(f"http://127.0.0.1:{port}", tokenizer, concurrency, requests,
-                                                        warmup=4 if i == 0 else 0))
+            with BusySampler() as busy:
+                level = asyncio.run(stream_client.run_level(f"http://127.0.0.1:{port}", tokenizer, concurrency,
+                                                            requests, warmup=4 if i == 0 else 0))
+            level["gpu_busy_share"] = busy.share
             check.note(f"serve: {concurrency} streams: {level['usage_tok_s']} tok/s, TTFT p50 "
-                       f"{level['ttft_ms']['p50']} ms, ITL p50 {level['itl_ms']['p50']} ms, errors {level['errors']}")
+                       f"{level['ttft_ms']['p50']} ms, ITL p50 {level['itl_ms']['p50']} ms, errors {level['errors']}, "
+                       f"GPU busy {busy.share}")
             results[concurrency] = level
             check.phase("serve", levels=results)
         check.phase("serve", status="ok", seconds=round(time.perf_counter() - start, 1))
@@ -245,6 +307,10 @@ def fmt(value, digits: int = 0, unit: str = "") -> str:
     return f"{value:,.{digits}f}{unit}"
 
 
+def percent(share: float | None) -> float | None:
+    return None if share is None else 100 * share
+
+
 def report(check: Check) -> str:
     """The markdown table of the figures against the issue's targets."""
     phases = check.data["phases"]
@@ -253,7 +319,7 @@ def report(check: Check) -> str:
     levels = {int(k): v for k, v in (serve.get("levels") or {}).items()}
     bandwidth = (model.get("bandwidth") or {}).get("bytes_per_s")
     roofline = model.get("roofline_tok_s")
-    peer = model.get("peer") or {}
+    peer = phases.get("peer") or model.get("peer") or {}
     one = levels.get(1, {}).get("usage_tok_s")
     many = levels.get(64, {})
     lines = [
@@ -285,8 +351,7 @@ def report(check: Check) -> str:
     if prof:
         lines += [
             f"Step profile at batch {prof['batch']}: graphed decode step {fmt(prof['decode_ms'], 2, ' ms')} wall, "
-            f"{fmt(prof['busy_ms'], 2, ' ms')} of kernels in it; a step that also prefills one 32-token prompt "
-            f"(eager) {fmt(prof['mixed_ms'], 2, ' ms')}.",
+            f"{fmt(prof['busy_ms'], 2, ' ms')} of kernels in it.",
             "",
             "| kernel | ms per step | calls per step |",
             "|---|---:|---:|",
@@ -300,19 +365,47 @@ def report(check: Check) -> str:
     if one is not None and roofline:
         share = one / roofline
         lines.append(f"| 1 stream, output tok/s | {fmt(one, 1)} | roofline {fmt(roofline, 1)} "
-                     f"({share:.0%}) | >= 75% of roofline | {'yes' if share >= TARGET_ROOFLINE_SHARE else 'no'} |")
+                     f"({share:.0%}) | >= 80% of roofline | {'yes' if share >= TARGET_ROOFLINE_SHARE else 'no'} |")
     if one is not None and peer.get("tok_s"):
         compiled = "compiled" if peer.get("compiled") else "not compiled"
         lines.append(f"| 1 stream vs transformers `generate` (static cache, {compiled}) | {fmt(one, 1)} | "
                      f"{fmt(peer['tok_s'], 1)} | >= peer | {'yes' if one >= peer['tok_s'] else 'no'} |")
     elif peer.get("error"):
         lines.append(f"| transformers `generate` peer | | failed: {peer['error'][:120]} | | |")
+    step_64 = (model.get("decode_step_ms") or {}).get("64")
     if many:
         tok_s, ttft = many.get("usage_tok_s"), (many.get("ttft_ms") or {}).get("p50")
+        itl, busy = (many.get("itl_ms") or {}).get("p50"), many.get("gpu_busy_share")
         lines.append(f"| 64 streams, output tok/s | {fmt(tok_s, 0)} | | >= 6,000 | "
                      f"{'yes' if tok_s and tok_s >= TARGET_TOK_S_64 else 'no'} |")
         lines.append(f"| 64 streams, TTFT p50 | {fmt(ttft, 1, ' ms')} | | <= 150 ms | "
                      f"{'yes' if ttft is not None and ttft <= TARGET_TTFT_P50_64_MS else 'no'} |")
+        if itl is not None and step_64:
+            lines.append(f"| 64 streams, ITL p50 vs the graphed 64-row step | {fmt(itl, 2, ' ms')} | "
+                         f"{fmt(step_64, 2, ' ms')} ({itl / step_64:.2f}x) | <= 1.3x | "
+                         f"{'yes' if itl <= TARGET_ITL_VS_STEP_64 * step_64 else 'no'} |")
+        lines.append(f"| GPU busy during the 64-stream run (NVML) | {fmt(percent(busy), 0, '%')} | | >= 90% | "
+                     f"{'yes' if busy is not None and busy >= TARGET_BUSY_64 else 'no'} |")
+    most = levels.get(256, {})
+    if most:
+        tok_s, ttft = most.get("usage_tok_s"), (most.get("ttft_ms") or {}).get("p50")
+        ok = tok_s and tok_s >= TARGET_TOK_S_256 and ttft is not None and ttft <= TARGET_TTFT_P50_256_MS
+        lines.append(f"| 256 streams, output tok/s / TTFT p50 / errors | {fmt(tok_s, 0)} / {fmt(ttft, 1, ' ms')} / "
+                     f"{most.get('errors', '?')} | GPU busy {fmt(percent(most.get('gpu_busy_share')), 0, '%')} | "
+                     f">= 12,000 / <= 500 ms / 0 | {'yes' if ok and not most.get('errors') else 'no'} |")
+    mixed = model.get("mixed_step") or {}
+    if mixed.get("ratio") is not None:
+        met = "yes" if mixed["ratio"] <= TARGET_MIXED_VS_DECODE else "no"
+        lines.append(f"| mixed step ({mixed['decoding']} decode rows + a {mixed['prompt']}-token prompt) vs the pure "
+                     f"decode step | {fmt(mixed['mixed_ms'], 2, ' ms')} | {fmt(mixed['decode_ms'], 2, ' ms')} "
+                     f"({mixed['ratio']:.2f}x) | <= 1.3x | {met} |")
+    elif mixed.get("error"):
+        lines.append(f"| mixed step | failed: {mixed['error'][:120]} | | <= 1.3x | no |")
+    mixed_logits = model.get("mixed_step_logits") or {}
+    if mixed_logits.get("rel_l2") is not None:
+        lines.append(f"| logits of a mixed step ({mixed_logits['decoding']} decode rows + a prompt), rel. L2 vs "
+                     f"transformers bf16 | {fmt(mixed_logits['rel_l2'], 4)} | | <= 0.02 | "
+                     f"{'yes' if mixed_logits.get('within_tolerance') else 'no'} |")
     for batch, c in sorted((model.get("correctness") or {}).items(), key=lambda kv: int(kv[0])):
         vs = c.get("vs_transformers_bf16", {})
         lines.append(
@@ -322,14 +415,15 @@ def report(check: Check) -> str:
             f"{'yes' if c.get('within_tolerance') else 'no'} |")
     lines += ["", "ITL = (e2e - TTFT) / (output tokens - 1) per request (aiperf's inter_token_latency; vLLM calls "
               "it TPOT); tokens are the server's usage count.", "",
-              "| streams | output tok/s | TTFT p50 | TTFT p95 | ITL p50 | errors |",
-              "|---:|---:|---:|---:|---:|---:|"]
+              "| streams | output tok/s | TTFT p50 | TTFT p95 | ITL p50 | errors | GPU busy |",
+              "|---:|---:|---:|---:|---:|---:|---:|"]
     for concurrency, level in sorted(levels.items()):
         itl = level.get("itl_ms") or level.get("tpot_ms") or {}
         lines.append(f"| {concurrency} | {fmt(level.get('usage_tok_s'), 1)} | "
                      f"{fmt((level.get('ttft_ms') or {}).get('p50'), 1, ' ms')} | "
                      f"{fmt((level.get('ttft_ms') or {}).get('p95'), 1, ' ms')} | "
-                     f"{fmt(itl.get('p50'), 2, ' ms')} | {level.get('errors', '?')} |")
+                     f"{fmt(itl.get('p50'), 2, ' ms')} | {level.get('errors', '?')} | "
+                     f"{fmt(percent(level.get('gpu_busy_share')), 0, '%')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -338,10 +432,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=os.environ.get("OUT") or str(REPO / "gpu_check_out"))
     p.add_argument("--preset", default="7b")
     p.add_argument("--device", default=None, help="default: cuda when present")
-    p.add_argument("--skip", default="", help="comma-separated phases to skip: tests,build,model,serve")
-    p.add_argument("--levels", default="1:8,16:64,64:256", help="streams:requests per load level")
+    p.add_argument("--skip", default="", help="comma-separated phases to skip: tests,build,model,peer,serve")
+    p.add_argument("--levels", default="1:8,16:64,64:256,256:512", help="streams:requests per load level")
     p.add_argument("--no-compile", action="store_true", help="the transformers peer without torch.compile")
-    p.add_argument("--limits", default="tests:90,build:80,model:200,serve:180",
+    p.add_argument("--limits", default="tests:80,build:70,model:140,peer:90,serve:190",
                    help="seconds per phase (the default fits one 600-second call of the device tool)")
     a = p.parse_args(argv)
     import torch
@@ -367,7 +461,9 @@ def main(argv: list[str] | None = None) -> int:
         if "build" not in skip:
             path = phase_build(check, env, a.preset, device, limits["build"])
         if path and "model" not in skip:
-            phase_model(check, env, path, device, limits["model"], not a.no_compile)
+            phase_model(check, env, path, device, limits["model"])
+        if path and "peer" not in skip:
+            phase_peer(check, env, path, device, limits["peer"], not a.no_compile)
         if path and "serve" not in skip:
             tag = check.data["phases"]["build"]["tag"]
             phase_serve(check, env, tag, path, levels, limits["serve"])

@@ -10,6 +10,10 @@ Correctness: 32 prompt tokens, then 32 teacher-forced decode steps, at batch 1 a
 the serving path (RunningBatch, FalconRunner, CUDA graphs on a GPU), against transformers'
 forward of the whole sequence. Both run in bf16; each is also compared with transformers in
 float32, so the report says whether this engine is as close to the exact logits as transformers.
+A mixed step too: 64 rows decoding and a new 32-token prompt in one step (through the pieces of its
+token bucket on a GPU), against transformers. Speed: the decode step by batch size, where its time
+goes, and the mixed step against the pure 64-row decode step. `--only-peer`: transformers' compiled
+`generate` alone, in a process of its own.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from falcon_service.engine.batch import NewPrompt, RunningBatch, StagedChunk
-from falcon_service.engine.cuda_graphs import DecodeGraphs
+from falcon_service.engine.cuda_graphs import DecodeGraphs, StepGraphs
 from falcon_service.engine.falcon import FalconRunner
 
 PROMPT, STEPS = 32, 32
@@ -127,17 +131,69 @@ def attention_fast_paths(model) -> dict:
 
 
 def decoding_batch(model, batch_rows: int, decoding: int) -> tuple[FalconRunner, RunningBatch]:
-    """A batch of `batch_rows` rows (CUDA graphs on a GPU) with `decoding` rows of 32-token prompts, warmed
-    up by three decode steps, the device idle."""
+    """A batch of `batch_rows` rows (CUDA graphs on a GPU: decode steps whole, steps that prefill in pieces)
+    with `decoding` rows of 32-token prompts, warmed up by three decode steps, the device idle."""
     runner = FalconRunner(model, batch_rows=batch_rows, max_len=model.config.max_position_embeddings)
-    graphs = DecodeGraphs(runner) if runner.device.type == "cuda" else None
-    batch = RunningBatch(runner, graphs)
+    graphs = step_graphs = None
+    if runner.device.type == "cuda":
+        graphs, step_graphs = DecodeGraphs(runner), StepGraphs(runner, batch_rows + 512)
+    batch = RunningBatch(runner, graphs, step_graphs=step_graphs)
     batch.run(False, new_prompts([list(range(1, 33))] * decoding))
     batch.set_tokens(0, [3] * decoding)
     for _ in range(3):
         batch.run(True)
     sync(runner.device)
     return runner, batch
+
+
+def mixed_step(model, decoding: int = 64, prompt: int = 32, repeats: int = 7) -> dict:
+    """A step that decodes `decoding` rows and prefills one `prompt`-token prompt, against a pure decode step of
+    the same rows (median wall times; on a GPU the decode step replays its graph, the mixed step the pieces of
+    its token bucket with attention between them)."""
+    runner, batch = decoding_batch(model, decoding + 1, decoding)
+
+    def timed(step) -> float:
+        times = []
+        for i in range(repeats + 1):  # the first captures what the step needs
+            sync(runner.device)
+            start = time.perf_counter()
+            step(i)
+            sync(runner.device)
+            if i:
+                times.append(1000 * (time.perf_counter() - start))
+        return statistics.median(times)
+
+    def mixed(i: int) -> None:
+        batch.run(True, [NewPrompt((20_000 + i,), list(range(40 + i, 40 + i + prompt)))])
+        batch.free([20_000 + i])
+
+    decode_ms, mixed_ms = timed(lambda _: batch.run(True)), timed(mixed)
+    return {"decoding": decoding, "prompt": prompt, "decode_ms": decode_ms, "mixed_ms": mixed_ms,
+            "ratio": mixed_ms / decode_ms}
+
+
+def mixed_step_logits(model, decoding: int = 64) -> dict:
+    """The logits of a mixed step (every row decoding a teacher-forced token, and a new 32-token prompt) through
+    the serving path (graphs on a GPU), against transformers' forward of each sequence whole."""
+    generator = torch.Generator().manual_seed(1)
+    vocab = model.config.vocab_size
+    rows = torch.randint(0, vocab, (decoding, PROMPT + 4), generator=generator).tolist()
+    fresh = torch.randint(0, vocab, (PROMPT,), generator=generator).tolist()
+    runner = FalconRunner(model, batch_rows=decoding + 1, max_len=model.config.max_position_embeddings)
+    graphs = step_graphs = None
+    if runner.device.type == "cuda":
+        graphs, step_graphs = DecodeGraphs(runner), StepGraphs(runner, decoding + 1 + 512)
+    batch = RunningBatch(runner, graphs, step_graphs=step_graphs)
+    batch.run(False, new_prompts([r[:PROMPT] for r in rows]))
+    for step in range(3):
+        batch.set_tokens(0, [r[PROMPT + step] for r in rows])
+        batch.run(True)
+    batch.set_tokens(0, [r[PROMPT + 3] for r in rows])
+    ours = batch.run(True, [NewPrompt((50_000,), fresh)]).float()
+    with torch.inference_mode():
+        theirs = torch.cat([model(torch.tensor(rows, device=runner.device)).logits[:, -1],
+                            model(torch.tensor([fresh], device=runner.device)).logits[:, -1]]).float()
+    return {"decoding": decoding, **compare(ours, theirs)}
 
 
 def decode_step_times(model, batch_sizes: tuple[int, ...] = (1, 64), steps: int = 50) -> dict:
@@ -154,13 +210,11 @@ def decode_step_times(model, batch_sizes: tuple[int, ...] = (1, 64), steps: int 
 
 
 def step_profile(model, batch_size: int = 64, steps: int = 20, top: int = 12) -> dict:
-    """Where a decode step's time goes, and what a step that also prefills costs.
+    """Where a decode step's time goes.
 
     - `decode_ms` / `busy_ms`: wall time per graphed decode step, and the device's kernel time in it
       (the difference is time the device waits for the host);
-    - `kernels`: the kernels with the most time per step (name, ms per step, calls per step);
-    - `mixed_ms`: a step of batch_size - 1 decoding rows plus one new 32-token prompt (eager: the steps
-      that admit a request are not graphed), against `decode_ms`.
+    - `kernels`: the kernels with the most time per step (name, ms per step, calls per step).
     """
     from torch.profiler import ProfilerActivity, profile
 
@@ -182,16 +236,7 @@ def step_profile(model, batch_size: int = 64, steps: int = 20, top: int = 12) ->
     busy_ms = sum(own_us(e) for e in events) / 1000 / steps
     kernels = [{"name": e.key[:90], "ms_per_step": round(own_us(e) / 1000 / steps, 4),
                 "calls_per_step": round(e.count / steps, 1)} for e in events[:top]]
-    mixed = []
-    for i in range(5):
-        sync(runner.device)
-        start = time.perf_counter()
-        batch.run(True, [NewPrompt((10_000 + i,), list(range(40 + i, 72 + i)))])
-        sync(runner.device)
-        mixed.append(1000 * (time.perf_counter() - start))
-        batch.free([10_000 + i])
-    return {"batch": batch_size, "decode_ms": decode_ms, "busy_ms": busy_ms, "kernels": kernels,
-            "mixed_ms": sorted(mixed)[len(mixed) // 2]}
+    return {"batch": batch_size, "decode_ms": decode_ms, "busy_ms": busy_ms, "kernels": kernels}
 
 
 def transformers_generate_peer(model, tokens: torch.Tensor, new_tokens: int, compile_: bool, runs: int = 3) -> dict:
@@ -235,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peer-tokens", type=int, default=64)
     p.add_argument("--no-compile", action="store_true", help="the peer without torch.compile")
     p.add_argument("--skip-float32", action="store_true", help="no float32 reference (it needs 2x the memory)")
+    p.add_argument("--skip-peer", action="store_true", help="no transformers peer (the GPU check runs it apart)")
+    p.add_argument("--only-peer", action="store_true", help="the transformers peer alone (a process of its own)")
     a = p.parse_args(argv)
     from transformers import AutoModelForCausalLM
 
@@ -248,6 +295,13 @@ def main(argv: list[str] | None = None) -> int:
     def save() -> None:
         out.write_text(json.dumps(report, indent=2))
 
+    if a.only_peer:  # inductor crashed the process once (SIGSEGV): alone, it takes nothing else with it
+        model = AutoModelForCausalLM.from_pretrained(a.checkpoint, dtype=torch.bfloat16, device_map=str(device)).eval()
+        tokens = torch.randint(0, model.config.vocab_size, (1, PROMPT), generator=torch.Generator().manual_seed(0))
+        report["peer"] = transformers_generate_peer(model, tokens.to(device), a.peer_tokens, not a.no_compile)
+        save()
+        print(json.dumps(report, indent=2))
+        return 0
     report["bandwidth"] = copy_bandwidth(device, gib=2.0 if device.type == "cuda" else 0.25)
     save()
     start = time.perf_counter()
@@ -269,6 +323,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"batch {batch_size}: {checks[batch_size]}", flush=True)
     report["correctness"] = checks
     save()
+    try:  # each a diagnosis of its own: a failure is reported, the rest runs
+        report["mixed_step_logits"] = mixed_step_logits(model, min(64, max(int(b) for b in a.batches.split(","))))
+        report["mixed_step_logits"]["within_tolerance"] = (
+            report["mixed_step_logits"]["rel_l2"] <= REL_L2_VS_TRANSFORMERS)
+    except Exception as exc:
+        report["mixed_step_logits"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+    print(f"mixed step logits: {report['mixed_step_logits']}", flush=True)
+    save()
     report["attention"] = attention_fast_paths(model)
     print(f"attention: {report['attention']}", flush=True)
     report["decode_step_ms"] = decode_step_times(model)
@@ -279,6 +341,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         report["step_profile_error"] = f"{type(exc).__name__}: {exc}"
     print(f"step profile: {report.get('step_profile') or report.get('step_profile_error')}", flush=True)
+    try:
+        report["mixed_step"] = mixed_step(model)
+    except Exception as exc:
+        report["mixed_step"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+    print(f"mixed step: {report['mixed_step']}", flush=True)
     save()
     # the float32 reference before the peer: on the first GPU run the compiled peer timed out once and
     # crashed (SIGSEGV in inductor) once, and took the correctness figures with it
@@ -297,9 +364,10 @@ def main(argv: list[str] | None = None) -> int:
     report["tolerance"] = {"rel_l2_vs_transformers_bf16": REL_L2_VS_TRANSFORMERS,
                            "max_ratio_of_float32_errors": RATIO_VS_FLOAT32}
     save()
-    report["peer"] = transformers_generate_peer(model, stored[min(stored)][0], a.peer_tokens, not a.no_compile)
-    print(f"peer: {report['peer']}", flush=True)
-    save()
+    if not a.skip_peer:
+        report["peer"] = transformers_generate_peer(model, stored[min(stored)][0], a.peer_tokens, not a.no_compile)
+        print(f"peer: {report['peer']}", flush=True)
+        save()
     print(json.dumps(report, indent=2))
     return 0
 

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The GPU check (benchmarks/gpu_check.py): engine tests on CUDA, the 7b preset built on the GPU, copy
-# bandwidth and roofline, logits against transformers, transformers' compiled generate, and the service
-# at 1, 16 and 64 streams. Writes gpu_check.md, gpu_check.json and logs to $OUT (or ./gpu_check_out).
+# bandwidth and roofline, logits against transformers (batch 1, 64, a mixed step; float32 distance), the
+# mixed step against the pure decode step, transformers' compiled generate, and the service at 1, 16, 64
+# and 256 streams with the GPU's busy share. Writes gpu_check.md, gpu_check.json and logs to $OUT (or
+# ./gpu_check_out).
 # On a machine without network, first run scripts/gpu_wheels.sh where PyPI is reachable and bring .whl/.
 # Arguments go to benchmarks/gpu_check.py (e.g. --preset tiny --device cpu for a dry run on a CPU).
 set -uo pipefail

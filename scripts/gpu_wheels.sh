@@ -2,8 +2,8 @@
 # Download, into .whl/ (git-ignored), the Python 3.12 wheels that scripts/gpu_check.sh needs on a GPU
 # machine that has torch, transformers and accelerate but no network: BentoML and FastAPI with the
 # dependencies that such a machine lacks (about 7 MB), uvloop and httptools (the event loop and HTTP
-# parser the service runs with in production), llguidance (the grammar engine), and pytest-asyncio and
-# jsonschema for the engine's tests: 16 MB in all.
+# parser the service runs with in production), llguidance (the grammar engine), pytest-asyncio and
+# jsonschema for the engine's tests, and nvidia-ml-py (the GPU's busy share under load): 16 MB in all.
 # Run it here (where PyPI is reachable), then carry .whl with the call.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,5 +26,6 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
   pip-requirements-parser==32.0.1 python-json-logger==4.2.0 python-multipart==0.0.34 pyzmq==27.3.0 \
   rich-toolkit==0.20.6 schema==0.7.8 simple-di==0.1.5 tomli-w==1.2.0 tornado==6.6.1 \
   watchfiles==1.3.0 wsproto==1.3.2 llguidance==1.6.1 uvloop==0.23.0 httptools==0.9.0 \
-  jsonschema==4.26.0 jsonschema-specifications==2025.9.1 referencing==0.37.0 rpds-py==2026.9.1 attrs==26.1.0
+  jsonschema==4.26.0 jsonschema-specifications==2025.9.1 referencing==0.37.0 rpds-py==2026.9.1 attrs==26.1.0 \
+  nvidia-ml-py==13.615.71
 du -sh .whl
