@@ -133,12 +133,14 @@ class DecodeGraphs:
 
 class StepGraphs:
     """Steps that prefill, replayed by token-count bucket: everything between two attention calls (layer norm,
-    the projections, the MLP, the residuals) captured once per bucket as a piece; the attention calls, whose
-    shapes follow the step's prompts, run between the pieces as they come.
+    the projections, rotary positions, the writes of keys and values, the MLP, the residuals) captured once per
+    bucket as a piece; the attention calls, whose shapes follow the step's prompts, run between the pieces as
+    they come.
 
-    A step of T tokens runs the pieces of the smallest bucket of at least T: its tokens are copied into fixed
-    buffers, and the padding tokens after them pass through the pieces but never through attention (so they
-    write no key or value), and their outputs are never read. `capture` as in `DecodeGraphs`.
+    A step of T tokens runs the pieces of the smallest bucket of at least T: its tokens, positions and rows are
+    copied into fixed buffers; the padding tokens after them go to position 0 of the scratch row (where they
+    write their keys and values, touching no real row), never through attention, and their outputs are never
+    read. `capture` as in `DecodeGraphs`.
     """
 
     def __init__(self, runner: FalconRunner, max_tokens: int, capture: Capture | None = None) -> None:
@@ -151,13 +153,20 @@ class StepGraphs:
         self._capture_piece = capture
         self.runner = runner
         self.buckets = token_buckets(max_tokens)
-        size, dims = max_tokens, (runner.num_heads + 2) * runner.head_dim
+        size, heads, dim = max_tokens, runner.num_heads, runner.head_dim
         new = {"dtype": runner.dtype, "device": runner.device}
-        self.ids = torch.zeros(size, dtype=torch.long, device=runner.device)
+        index = {"dtype": torch.long, "device": runner.device}
+        self.ids = torch.zeros(size, **index)
+        self.positions = torch.zeros(size, **index)
+        self.rows = torch.full((size,), runner.cache.scratch_row, **index)
         self.x = torch.zeros(size, runner.hidden, **new)
         self.h = torch.zeros(size, runner.hidden, **new)
-        self.qkv = torch.zeros(size, dims, **new)
-        self.attn = torch.zeros(size, runner.num_heads * runner.head_dim, **new)
+        self.cos = torch.zeros(size, 1, dim, **new)
+        self.signed_sin = torch.zeros(size, 1, dim, **new)
+        self.q = torch.zeros(size, heads, dim, **new)
+        self.k = torch.zeros(size, dim, **new)
+        self.v = torch.zeros(size, dim, **new)
+        self.attn = torch.zeros(size, heads * dim, **new)
         self._pieces: dict[int, list[Step]] = {}
 
     @property
@@ -179,21 +188,29 @@ class StepGraphs:
 
     def _capture(self, tokens: int) -> None:
         runner, layers = self.runner, len(self.runner.layers)
-        x, h, qkv, attn = self.x[:tokens], self.h[:tokens], self.qkv[:tokens], self.attn[:tokens]
+        x, h, attn = self.x[:tokens], self.h[:tokens], self.attn[:tokens]
+        q, k, v = self.q[:tokens], self.k[:tokens], self.v[:tokens]
+        cos, signed_sin = self.cos[:tokens], self.signed_sin[:tokens]
+        positions, rows = self.positions[:tokens], self.rows[:tokens]
+
+        def project(layer: int) -> None:  # the layer's input normed, projected, positioned, its keys written
+            normed, qkv = runner.pre_attention(layer, x)
+            h.copy_(normed)
+            got = runner.rotate_and_write(layer, qkv, cos, signed_sin, rows, positions)
+            for buffer, value in zip((q, k, v), got, strict=True):
+                buffer.copy_(value)
 
         def first() -> None:
             x.copy_(torch.nn.functional.embedding(self.ids[:tokens], runner.embed))
-            normed, projected = runner.pre_attention(0, x)
-            h.copy_(normed)
-            qkv.copy_(projected)
+            cos.copy_(runner.cos[positions].unsqueeze(1))
+            signed_sin.copy_(runner.signed_sin[positions].unsqueeze(1))
+            project(0)
 
         def between(layer: int) -> Step:  # after the attention of `layer`, up to the next one's
             def piece() -> None:
                 x.copy_(runner.post_attention(layer, x, h, attn))
                 if layer + 1 < layers:
-                    normed, projected = runner.pre_attention(layer + 1, x)
-                    h.copy_(normed)
-                    qkv.copy_(projected)
+                    project(layer + 1)
             return piece
 
         self._pieces[tokens] = [self._capture_piece(first)] + [self._capture_piece(between(i)) for i in range(layers)]
@@ -221,8 +238,12 @@ class StepGraphs:
             self._capture(size)
         pieces = self._pieces[size]
         self.ids[:tokens].copy_(batch.ids)
+        self.positions[:tokens].copy_(batch.positions)
+        self.rows[:tokens].copy_(batch.write_rows)
+        self.positions[tokens:size].zero_()  # padding: position 0 of the scratch row
+        self.rows[tokens:size].fill_(self.runner.cache.scratch_row)
         pieces[0]()
         for layer in range(len(self.runner.layers)):
-            self.attn[:tokens].copy_(batch.attend(layer, self.qkv[:tokens]))
+            self.attn[:tokens].copy_(batch.attend(layer, self.q[:tokens], self.k[:tokens], self.v[:tokens]))
             pieces[layer + 1]()
         return self.runner.logits(self.x[:tokens].index_select(0, batch.logit_rows()))

@@ -223,13 +223,14 @@ class FalconRunner:
         last_layer = len(self.layers) - 1
         for layer in range(len(self.layers)):
             h, qkv = self.pre_attention(layer, x)
+            q, k, v = batch.project(layer, qkv)
             if prefill is not None and layer == last_layer:
                 # the last layer's output is wanted only where logits are: each chunk's last token (and
                 # every decode row); the chunk's other tokens need only their keys and values written
-                attn = batch.attend_last(layer, qkv)
+                attn = batch.attend_last(layer, q)
                 x, h = prefill.pick_last(x, batch.count), prefill.pick_last(h, batch.count)
             else:
-                attn = batch.attend(layer, qkv)
+                attn = batch.attend(layer, q, k, v)
             x = self.post_attention(layer, x, h, attn)
         # x holds the decode rows, then each chunk's last token
         return self.logits(x)
@@ -241,6 +242,18 @@ class FalconRunner:
         w = self.layers[layer]
         h = F.layer_norm(x, (self.hidden,), w.ln_weight, w.ln_bias, self.eps)
         return h, w.qkv(h)
+
+    def rotate_and_write(self, layer: int, qkv: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor,
+                         rows: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Each token's queries and its one key with rotary positions (`cos`, `signed_sin`: (T, 1, D)), the key and
+        value written to the cache at (`rows`, `positions`); returns q (T, H, D), k and v (T, D)."""
+        heads = self.num_heads
+        qkv = qkv.view(-1, heads + 2, self.head_dim)
+        qk = rotary(qkv[:, : heads + 1], cos, signed_sin)  # the queries and the one key get their positions together
+        q, k, v = qk[:, :heads], qk[:, heads], qkv[:, heads + 1]
+        self.keys[layer].index_put_((rows, positions), k)
+        self.values[layer].index_put_((rows, positions), v)
+        return q, k, v
 
     def post_attention(self, layer: int, x: torch.Tensor, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """The layer's output: its input, plus the attention's projection and the MLP of the normed input."""
@@ -264,19 +277,29 @@ class StepBatch:
     """One step's tokens as one flat batch: a token for each of rows 0..`count`-1 (the decode rows, read from
     the runner's buffers), then each segment's tokens; positions, rows and masks built once for all layers.
 
-    Attention over it is one call per layer (`attend`): the decode rows read their cache rows as views (or
-    their shared prefix once, `shared`), the segments attend causally after what their rows hold.
+    Each layer: `project` gives every token its rotary positions and writes its key and value to the cache,
+    then attention is one call (`attend`): the decode rows read their cache rows as views (or their shared
+    prefix once, `shared`), the segments attend causally after what their rows hold.
     """
 
     def __init__(self, runner: FalconRunner, count: int = 0, width: int = 0, shared: SharedPrefix | None = None,
                  segments: Seq[Segment] = ()) -> None:
+        self.runner = runner
         self.decode = _DecodePlan(runner, count, width, shared) if count else None
         self.prefill = _PrefillPlan(runner, [s.row for s in segments], [s.tokens for s in segments],
                                     [s.start for s in segments]) if segments else None
-        parts = [p.ids for p in (self.decode, self.prefill) if p is not None]
-        if not parts:
+        plans = [p for p in (self.decode, self.prefill) if p is not None]
+        if not plans:
             raise ValueError("a step of no tokens")
-        self.ids = torch.cat(parts) if len(parts) > 1 else parts[0]
+
+        def joined(parts: list[torch.Tensor]) -> torch.Tensor:
+            return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+        self.ids = joined([p.ids for p in plans])
+        self.positions = joined([p.positions for p in plans])  # where each token goes in its row
+        self.write_rows = joined([p.write_rows for p in plans])  # which row each token's key and value go to
+        self.cos = runner.cos[self.positions].unsqueeze(1)  # (T, 1, D), for every layer's rotary positions
+        self.signed_sin = runner.signed_sin[self.positions].unsqueeze(1)
         self.count = count
         self.segments = list(segments)
 
@@ -292,19 +315,26 @@ class StepBatch:
         parts = [p for p in (decode, last) if p is not None]
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
-    def attend(self, layer: int, qkv: torch.Tensor) -> torch.Tensor:
-        """Write this layer's keys and values of every token, and attend for every token: (tokens, H * D)."""
+    def project(self, layer: int, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rotary positions for every token's queries and key; its key and value written to the cache."""
+        return self.runner.rotate_and_write(layer, qkv, self.cos, self.signed_sin, self.write_rows, self.positions)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Every token's attention over its row (the cache holds this layer's keys and values): (tokens, H * D)."""
         decode, prefill, split = self.decode, self.prefill, self.count
         if decode is not None and prefill is not None:
-            return torch.cat([decode.attend(layer, qkv[:split]), prefill.attend(layer, qkv[split:])])
-        return (decode or prefill).attend(layer, qkv)  # type: ignore[union-attr]
+            return torch.cat([decode.attend(layer, q[:split]), prefill.attend(layer, q[split:], k[split:], v[split:])])
+        if decode is not None:
+            return decode.attend(layer, q)
+        assert prefill is not None
+        return prefill.attend(layer, q, k, v)
 
-    def attend_last(self, layer: int, qkv: torch.Tensor) -> torch.Tensor:
-        """Write every token's keys and values; attend for the decode rows and each segment's last token only."""
+    def attend_last(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        """Attention for the decode rows and each segment's last token only."""
         assert self.prefill is not None
-        attn = self.prefill.attend_last(layer, qkv[self.count:])
+        attn = self.prefill.attend_last(layer, q[self.count:])
         if self.decode is not None:
-            attn = torch.cat([self.decode.attend(layer, qkv[: self.count]), attn])
+            attn = torch.cat([self.decode.attend(layer, q[: self.count]), attn])
         return attn
 
 
@@ -403,20 +433,14 @@ class _DecodePlan:
         self.ids = runner.tokens[:count]
         self.rows_index = runner._positions[:count]  # the decode rows' places in the flat batch: 0..count-1
         lengths = runner.lengths[:count]
-        self.lengths = lengths
-        self.rows = runner.write_rows[:count]
-        self.cos, self.signed_sin = runner.cos[lengths].unsqueeze(1), runner.signed_sin[lengths].unsqueeze(1)  # B, 1, D
+        self.positions = lengths  # each row's new token goes after what it holds
+        self.write_rows = runner.write_rows[:count]  # its own row, or the scratch row for padding
         mask = torch.zeros(count, 1, 1, width, dtype=runner.dtype, device=runner.device)
         self.mask = mask.masked_fill_(runner._positions[:width] > lengths[:, None, None, None], float("-inf"))
 
-    def attend(self, layer: int, qkv: torch.Tensor) -> torch.Tensor:
+    def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        """The rows' queries (B, H, D) over their cache rows, which hold this layer's new keys and values."""
         r, heads, batch = self.runner, self.runner.num_heads, self.count
-        qkv = qkv.view(batch, heads + 2, r.head_dim)
-        qk = qkv[:, : heads + 1]  # the queries and the one key get their rotary positions together
-        qk = rotary(qk, self.cos, self.signed_sin)
-        q, k, v = qk[:, :heads], qk[:, heads], qkv[:, heads + 1]
-        r.keys[layer].index_put_((self.rows, self.lengths), k)
-        r.values[layer].index_put_((self.rows, self.lengths), v)
         keys = r.keys[layer, :batch, : self.width]  # (B, W, D): views, no copy
         values = r.values[layer, :batch, : self.width]
         if self.shared is None:
@@ -471,8 +495,8 @@ class _PrefillPlan:
         self.fresh = all(o == 0 for o in offsets)
         self.ids = io.upload(ids, torch.long)
         pos = io.upload(positions, torch.long)
+        self.positions = pos
         self.write_rows = io.upload(write_rows, torch.long)
-        self.write_pos = pos
         self.ragged = any(size != width_q for size in sizes)  # segments of different lengths: padded in attention
         self.padded_index = io.upload(padded, torch.long) if self.ragged else None
         self.last_index = io.upload(list(itertools.accumulate(sizes, initial=-1))[1:], torch.long)
@@ -495,7 +519,6 @@ class _PrefillPlan:
         if ragged_ends:
             mask = torch.zeros(n, 1, 1, self.width_k, dtype=runner.dtype, device=runner.device)
             self.last_mask = mask.masked_fill_(key_pos >= ends_t[:, None, None, None], float("-inf"))
-        self.cos, self.signed_sin = runner.cos[pos].unsqueeze(1), runner.signed_sin[pos].unsqueeze(1)  # (T, 1, D)
         self.allowed: torch.Tensor | None = None
         if self.cached:
             self.cached_bias = None
@@ -509,17 +532,6 @@ class _PrefillPlan:
             slot_pos = slot_pos.view(n, width_q)
             seen = key_pos[None, None, :] <= slot_pos[:, :, None]
             self.allowed = (seen & (key_pos[None, None, :] < ends_t[:, None, None])).unsqueeze(1)  # (n, 1, Sq, Sk)
-
-    def _rotate_and_write(self, layer: int, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The tokens' queries and their one key with rotary positions, the key and value written to the
-        cache; returns q (T, H, D), k and v (T, D)."""
-        r, heads = self.runner, self.runner.num_heads
-        qkv = qkv.view(self.count, heads + 2, r.head_dim)
-        qk = rotary(qkv[:, : heads + 1], self.cos, self.signed_sin)
-        q, k, v = qk[:, :heads], qk[:, heads], qkv[:, heads + 1]
-        r.keys[layer].index_put_((self.write_rows, self.write_pos), k)
-        r.values[layer].index_put_((self.write_rows, self.write_pos), v)
-        return q, k, v
 
     def _segments(self, x: torch.Tensor) -> torch.Tensor:
         """Flat tokens (T, ...) as the segments padded to one width: (n, width_q, ...)."""
@@ -537,19 +549,19 @@ class _PrefillPlan:
         last = x[split:].index_select(0, self.last_index)
         return torch.cat([x[:split], last]) if split else last
 
-    def attend_last(self, layer: int, qkv: torch.Tensor) -> torch.Tensor:
-        """Write every token's key and value, and attend for each segment's last token only, over its row's
-        whole context (the cache now holds it): (n, H * D)."""
+    def attend_last(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        """Attention for each segment's last token only, over its row's whole context (the cache now holds it):
+        (n, H * D)."""
         r, heads, n = self.runner, self.runner.num_heads, self.n
-        q, _, _ = self._rotate_and_write(layer, qkv)
         last_q = q.index_select(0, self.last_index)
         keys = r.keys[layer, :, : self.width_k].index_select(0, self.row_index)
         values = r.values[layer, :, : self.width_k].index_select(0, self.row_index)
         return decode_attention(last_q, keys, values, self.last_mask, r.scale).reshape(n, heads * r.head_dim)
 
-    def attend(self, layer: int, qkv: torch.Tensor) -> torch.Tensor:
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The segments' tokens' attention: q (T, H, D), their own keys and values k, v (T, D), already in the
+        cache; returns (T, H * D)."""
         r, heads, n, width_q = self.runner, self.runner.num_heads, self.n, self.width_q
-        q, k, v = self._rotate_and_write(layer, qkv)
         q = self._segments(q).transpose(1, 2)  # (n, H, Sq, D)
         if self.fresh:
             k, v = self._segments(k).unsqueeze(1), self._segments(v).unsqueeze(1)  # (n, 1, Sq, D)
