@@ -88,8 +88,10 @@ class RunningBatch:
     def lookup(self, prompt: Seq[int], salt: int = 0) -> PrefixMatch | None:
         return self.rows.lookup(prompt, salt)
 
-    def free(self, seq_ids: Seq[int], keep: dict[int, tuple[Seq[int], int]] | None = None) -> None:
-        self.rows.free(seq_ids, keep)
+    def free(self, seq_ids: Seq[int], keep: dict[int, tuple[Seq[int], int]] | None = None,
+             pinned: Seq[PrefixMatch | None] = ()) -> None:
+        """Free these sequences' rows (keeping prefixes worth keeping); the `pinned` matches stay good."""
+        self.rows.free(seq_ids, keep, pinned)
 
     def set_tokens(self, first_row: int, tokens: torch.Tensor | Seq[int]) -> None:
         self.rows.set_tokens(first_row, tokens)

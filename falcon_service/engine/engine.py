@@ -238,7 +238,9 @@ class Engine:
             gone = [self._sequences.pop(i) for i in plan.free]
             keep = {s.seq_id: (s.tokens, salt_key(s.stream.request.cache_salt)) for s in gone} \
                 if self.prefix_caching else None
-            batch.free(plan.free, keep)
+            # the prefixes this step's prompts were planned with stay: freeing rows must not evict them
+            matches = [a.cached for a in plan.admitted] + ([plan.chunk.cached] if plan.chunk is not None else [])
+            batch.free(plan.free, keep, matches)  # type: ignore[arg-type]
         assert len(batch.ids) == len(plan.decode) and set(batch.ids) == set(plan.decode), \
             "the plan's decoding sequences are those holding rows"
         decoding = [self._sequences[i] for i in batch.ids]  # in row order

@@ -205,18 +205,23 @@ class KVRows:
             self.idle[target] = length
             self.idle_lineages[target] = self.idle_lineages.pop(row, self._new_lineage(0))
 
-    def _keep(self, row: int, length: int, tokens: Seq[int], salt: int) -> None:
+    def _keep(self, row: int, length: int, tokens: Seq[int], salt: int, pinned: set[int]) -> None:
         """Keep the finished running row `row` (its first `length` of `tokens`, under `salt`) in an idle row, if
-        there is room or a less recently used idle row to give way."""
+        there is room or a less recently used idle row (not `pinned`) to give way. Its prefix moves along, the
+        same object: a match made of it (a prompt admitted at this step) stays good."""
         assert self.prefixes is not None
         target = self._free_row(range(0))
         if target is None:
-            target = self._least_recently_used(range(0), set())
+            target = self._least_recently_used(range(0), pinned)
             if target is None:
                 return
             self._evict(target)
         self.runner.cache.copy_row(row, target, length)
-        self.prefixes.put(target, tokens[:length], salt)
+        if self.prefixes.get(row) is not None:
+            self.prefixes.move(row, target)
+            self.prefixes.extend(target, tokens[:length], salt)
+        else:
+            self.prefixes.put(target, tokens[:length], salt)
         self.idle[target] = length
         self.idle_lineages[target] = self.lineages[row]
 
@@ -291,16 +296,19 @@ class KVRows:
         self._staged_lineage = None
         self._sync_buffers()
 
-    def free(self, seq_ids: Seq[int], keep: dict[int, tuple[Seq[int], int]] | None = None) -> None:
+    def free(self, seq_ids: Seq[int], keep: dict[int, tuple[Seq[int], int]] | None = None,
+             pinned: Seq[PrefixMatch | None] = ()) -> None:
         """Free the rows of these sequences; `keep` gives, for those whose prefix is worth keeping, the tokens
-        their rows hold (prompt and output) and their salt. The last running row moves into each hole."""
+        their rows hold (prompt and output) and their salt. The last running row moves into each hole. The
+        prefixes of `pinned` matches (this step's admissions) are not evicted to make room."""
         rows = sorted((self._row_of.pop(i) for i in seq_ids), reverse=True)
         order = list(range(self.size))
         for row in rows:
             if self.prefixes is not None:
                 seq_id = self.ids[row]
                 if keep and seq_id in keep:
-                    self._keep(row, self.lengths[row], *keep[seq_id])
+                    held = {m.prefix.row for m in pinned if m is not None}
+                    self._keep(row, self.lengths[row], *keep[seq_id], held)
                 self.prefixes.drop(row)
             last = len(order) - 1
             if row != last:

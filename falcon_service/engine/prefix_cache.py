@@ -99,6 +99,22 @@ class PrefixCache:
             self._index.setdefault(key, set()).add(row)
         return prefix
 
+    def extend(self, row: int, tokens: Seq[int], salt: int = 0) -> None:
+        """Row `row`'s prefix now holds `tokens` (its tokens and more: a finished sequence's output after its
+        prompt), indexed under `salt`; the same `Prefix`, so that matches made of it stay good."""
+        prefix = self._by_row[row]
+        for key in prefix.keys:
+            rows = self._index.get(key)
+            if rows is not None:
+                rows.discard(row)
+                if not rows:
+                    del self._index[key]
+        prefix.tokens, prefix.salt = list(tokens), salt
+        prefix.keys = block_keys(tokens, previous=salt)
+        prefix.last_used = next(self._clock)
+        for key in prefix.keys:
+            self._index.setdefault(key, set()).add(row)
+
     def drop(self, row: int) -> None:
         """Row `row` holds nothing reusable any more."""
         prefix = self._by_row.pop(row, None)

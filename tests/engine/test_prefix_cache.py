@@ -346,3 +346,57 @@ def test_decode_rows_sharing_a_prefix_give_the_logits_of_each_alone(tiny_model, 
     assert calls and calls[0] is not None, "the rows did not attend to their prefix together"
     for row, (prompt, token) in enumerate(zip(seqs, fed, strict=True)):
         torch.testing.assert_close(logits[row], reference_logits(tiny_model, [*prompt, token]), atol=ATOL, rtol=0)
+
+
+def test_a_prefix_planned_for_a_prompt_survives_the_steps_frees(tiny_model):
+    """The plan looks a prompt's prefix up before the step frees the rows of sequences that ended: the prefix
+    held by a row that leaves (kept in an idle row) or by an idle row that freeing would evict is still there
+    when the prompt is placed: only the rest is computed. (Matches made invalid this way cost a whole prefill
+    of the prompt in one step, far over the budget: 0.6 s steps on the `small` preset.)"""
+    runner = FalconRunner(tiny_model, batch_rows=3, max_len=128, pool_rows=3)
+    batch = RowsDriver(runner, prefix_caching=True)
+    system = tokens(3 * BLOCK + 3, seed=1)
+    first = [*system, *tokens(5, seed=2)]
+    batch.add([first], [1])
+    calls = []
+    original = runner.forward
+
+    def counting(step):
+        calls.append([len(s.tokens) for s in step.segments])
+        return original(step)
+
+    runner.forward = counting
+    second = [*system, *tokens(6, seed=3)]
+    match = batch.lookup(second)  # held by the running row of `first`, which leaves at this step
+    assert match is not None and match.length == 3 * BLOCK and match.prefix.row == 0
+    first_id = batch.batch.ids[0]
+    batch.batch.free([first_id], {first_id: ([*first, 9], 0)}, [match])
+    logits = batch.add([second], [1], [match])
+    assert calls[-1] == [len(second) - 3 * BLOCK]  # only the rest: the match held through the free
+    torch.testing.assert_close(logits[0], reference_logits(tiny_model, second), atol=ATOL, rtol=0)
+    # a full pool: freeing a row evicts an idle one to keep its own prefix, but not the one this step planned with
+    runner = FalconRunner(tiny_model, batch_rows=2, max_len=128, pool_rows=2)
+    batch = RowsDriver(runner, prefix_caching=True)
+    held = [*tokens(3 * BLOCK, seed=6), 1]
+    batch.add([held], [1])
+    batch.remove([0], keep={0: (held, 0)})  # kept in the top row
+    batch.add([tokens(40, seed=5)], [1])  # a stranger runs in row 0: the pool is full
+    third = [*held[:-1], *tokens(7, seed=4)]
+    match = batch.lookup(third)
+    assert match is not None and match.prefix.row == 1 and 1 in batch.idle
+    stranger = batch.batch.ids[0]
+    batch.batch.free([stranger], {stranger: (tokens(41, seed=5), 0)}, [match])  # its keep must not evict it
+    calls.clear()
+    runner.forward = _counting(runner, calls)
+    logits = batch.add([third], [1], [match])
+    assert calls[-1] == [len(third) - 3 * BLOCK]
+    torch.testing.assert_close(logits[0], reference_logits(tiny_model, third), atol=ATOL, rtol=0)
+
+
+def _counting(runner, calls):
+    original = runner.forward
+
+    def counting(step):
+        calls.append([len(s.tokens) for s in step.segments])
+        return original(step)
+    return counting
