@@ -74,6 +74,9 @@ class Settings(BaseModel):
     )
     default_chat_stop: bool = Field(True, description=r"add `\nUser:` to chat requests' stop strings")
     timeout: int = Field(600, ge=1, description="BentoML traffic timeout in seconds")
+    engine_stall_seconds: float = Field(
+        120.0, gt=0, description="liveness: the engine is dead (and the pod restarted) once it has had work and "
+        "finished no step for this long (a hung kernel), or after 3 failed steps in a row")
     drain_timeout: int | None = Field(
         None, ge=0, description="after SIGTERM, seconds requests in flight may take to finish (new ones get 503); "
         "default: the traffic timeout"

@@ -15,8 +15,11 @@ import os
 os.environ["OMP_NUM_THREADS"] = "1"
 
 import asyncio
+import atexit
+import contextlib
 import logging
 import signal
+import tempfile
 import threading
 from collections.abc import AsyncGenerator
 from http import HTTPStatus
@@ -37,6 +40,22 @@ from .config import Settings
 from .http_server import install_gateway, limit_request_heads, request_spans_only
 
 log = logging.getLogger("falcon_service")
+EXIT_LOAD_FAILED = 3  # the server's exit status when the model could not be loaded
+
+
+def _load_failed_mark(server_pid: int) -> Path:
+    """Where a worker tells `bentoml serve` (its parent, pid `server_pid`) that loading the model failed."""
+    return Path(tempfile.gettempdir()) / f"falcon-service-{server_pid}.load-failed"
+
+
+@atexit.register
+def _exit_status_of_a_failed_load() -> None:
+    """In `bentoml serve`'s own process, which imports this module too: a worker that failed to load the model
+    stopped the server; the server then exits with EXIT_LOAD_FAILED, not the 0 of a stop it was asked for."""
+    mark = _load_failed_mark(os.getpid())
+    if mark.exists():
+        mark.unlink(missing_ok=True)
+        os._exit(EXIT_LOAD_FAILED)
 
 
 def _settings() -> tuple[Settings, bool]:
@@ -96,21 +115,23 @@ class FalconService:
     def __init__(self) -> None:
         self.load_error: BaseException | None = None
         self.engine = None
+        self._dead: str | None = None  # why the engine is not alive, once it is not (logged once)
+        self._in_server = self._drain_on_sigterm()
         # Load in the background: /livez answers at once, /readyz and /health turn 200 when ready.
         threading.Thread(target=self._load, name="falcon-model-loader", daemon=True).start()
-        self._drain_on_sigterm()
 
-    def _drain_on_sigterm(self) -> None:
+    def _drain_on_sigterm(self) -> bool:
         """On SIGTERM, drain before the server (uvicorn, whose handler is in place by now) shuts down: go
         unready, answer new requests 503 with Retry-After, let those in flight finish (at most
-        FALCON_DRAIN_TIMEOUT seconds, then end them with an error), then hand the signal on."""
+        FALCON_DRAIN_TIMEOUT seconds, then end them with an error), then hand the signal on. Returns whether
+        the service runs inside a server (a worker of `bentoml serve`)."""
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
-            return  # not inside a server (the service built directly, as tests do): nothing to drain
+            return False  # not inside a server (the service built directly, as tests do): nothing to drain
         if threading.current_thread() is not threading.main_thread():
             log.warning("not on the main thread: SIGTERM shuts down without draining")
-            return
+            return False
         previous = signal.getsignal(signal.SIGTERM)
 
         def on_sigterm(sig: int, frame) -> None:
@@ -122,6 +143,7 @@ class FalconService:
             loop.call_soon_threadsafe(lambda: loop.create_task(self._drain_then_exit(previous, sig)))
 
         signal.signal(signal.SIGTERM, on_sigterm)
+        return True
 
     async def _drain_then_exit(self, previous, sig: int) -> None:
         if not await drain.wait_idle(SETTINGS.drain_seconds):
@@ -147,10 +169,24 @@ class FalconService:
             self.engine = load_engine(model.path, SETTINGS.engine_options(), observer=metrics)
             metrics.set_kv_capacity(self.engine.limits.max_batch_tokens)  # KV-cache utilization's denominator
             serving.attach(self.engine)
-        except BaseException as exc:  # reported by __is_alive__ so that the orchestrator restarts us
+        except BaseException as exc:
             log.exception("loading the model failed")
             self.load_error = exc
-            serving.fail(exc)
+            serving.fail(exc)  # (a service built directly, as tests do, reports it: 503s, and not alive)
+            if self._in_server:
+                self._stop_server(f"loading the model failed: {type(exc).__name__}: {exc}")
+
+    @staticmethod
+    def _stop_server(reason: str) -> None:
+        """End the whole server with a non-zero exit status, saying why: a load that failed will fail again,
+        and a process that stays up answering 503 holds its pod for the startup probe's 20 minutes, where an
+        exit puts the reason in the pod's log and the pod in CrashLoopBackOff (or a supervisor restarts it)."""
+        log.critical("%s; stopping the server", reason)
+        server = os.getppid()  # `bentoml serve`: it stops its workers, respawns none, and exits
+        _load_failed_mark(server).write_text(reason)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(server, signal.SIGTERM)
+        os._exit(EXIT_LOAD_FAILED)
 
     def _stored_model(self) -> bentoml.Model:
         """The model in the Bento, or else in the store at BENTOML_HOME."""
@@ -168,7 +204,17 @@ class FalconService:
         return serving.ready and not drain.draining
 
     def __is_alive__(self) -> bool:
-        return self.load_error is None
+        """False once loading failed, or once the engine stopped making progress (a hung kernel, a step loop
+        stuck, steps failing in a row): the orchestrator's liveness probe then restarts the pod."""
+        if self.load_error is not None:
+            return False
+        if self.engine is None:
+            return True  # still loading (the startup probe waits on readiness)
+        alive, why = self.engine.alive(SETTINGS.engine_stall_seconds)
+        if not alive and self._dead != why:
+            self._dead = why
+            log.error("the engine is not alive: %s", why)
+        return alive
 
     @bentoml.api(input_spec=GenerateRequest)
     async def generate(self, ctx: bentoml.Context, **params: Any) -> AsyncGenerator[str, None]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, replace
@@ -111,6 +112,11 @@ class Engine:
         self._pending: list[_Launched] = []  # launched at earlier steps, not yet read back (overlap)
         self._launched: list[_Launched] = []  # launched at this step, not yet read back
         self._aborted: set[RequestStream] = set()
+        # liveness: when the step loop last finished a step while it had work (a heartbeat), and how many steps
+        # failed in a row (a CUDA fault fails every step after it)
+        self._heartbeat = time.monotonic()
+        self._working = False
+        self.failed_steps = 0
         self._wake = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="falcon-engine", daemon=True)
@@ -161,6 +167,19 @@ class Engine:
             "prefix_tokens": self._batch.idle_tokens,
         }
 
+    def alive(self, stall_seconds: float = 60.0, max_failed_steps: int = 3) -> tuple[bool, str]:
+        """Whether the engine still makes progress, and why not: its step loop has ended, has had work and
+        finished no step for `stall_seconds` (a hung kernel, a deadlock), or failed `max_failed_steps` steps in a
+        row (a broken device: every step fails). An orchestrator restarts an engine that is not alive."""
+        if not self._thread.is_alive() and not self._stopping:
+            return False, "the engine's step loop has ended"
+        if self.failed_steps >= max_failed_steps:
+            return False, f"{self.failed_steps} generation steps failed in a row"
+        stalled = time.monotonic() - self._heartbeat
+        if self._working and stalled > stall_seconds:
+            return False, f"the engine has had work and finished no step for {stalled:.0f} s"
+        return True, "ok"
+
     def shutdown(self, timeout: float = 10.0) -> None:
         with self._wake:
             self._stopping = True
@@ -180,9 +199,12 @@ class Engine:
         while True:
             with self._wake:
                 while not self._has_work():
+                    self._working = False
                     self._wake.wait()
                 if self._stopping:
                     break
+                if not self._working:  # work again after an idle spell: the stall clock starts now
+                    self._working, self._heartbeat = True, time.monotonic()
                 aborted, self._aborted = self._aborted, set()
             plan: StepPlan[RequestStream] | None = None
             try:
@@ -197,8 +219,12 @@ class Engine:
                     self._pending = launched
                 elif launched:
                     self._finish(launched)
+                self.failed_steps = 0
+                self._heartbeat = time.monotonic()
             except Exception:  # a failing step must not take the server down
                 log.exception("generation step failed")
+                self.failed_steps += 1
+                self._heartbeat = time.monotonic()
                 self._fail_all(EngineError("generation failed inside the engine"), plan)
             if self.observer is not None:
                 stats = self.stats()

@@ -64,8 +64,9 @@ def _stop(proc: subprocess.Popen) -> None:
     proc.wait(timeout=10)
 
 
-def _serve(home: Path, model: str, log_path: Path, **settings: str) -> Iterator[Served]:
-    """Run `bentoml serve service:FalconService` until the generator is closed; yield once /health is 200."""
+def _serve(home: Path, model: str, log_path: Path, target: str = "service:FalconService", env_extra: dict | None = None,
+           **settings: str) -> Iterator[Served]:
+    """Run `bentoml serve <target>` until the generator is closed; yield once /health is 200."""
     port = _free_port()
     # Each `bentoml serve` wipes $BENTOML_HOME/prometheus_multiproc_dir at start, which would blank the
     # metrics of the servers already running: each server gets a home of its own sharing the model store.
@@ -76,8 +77,9 @@ def _serve(home: Path, model: str, log_path: Path, **settings: str) -> Iterator[
     env = {k: v for k, v in os.environ.items() if not k.startswith("FALCON_")}
     env.update(BENTOML_HOME=str(own_home), FALCON_MODEL=model, BENTOML_DO_NOT_TRACK="true", PYTHONUNBUFFERED="1")
     env.update({f"FALCON_{k.upper()}": v for k, v in settings.items()})
+    env.update(env_extra or {})
     bentoml_cli = Path(sys.executable).with_name("bentoml")
-    cmd = [str(bentoml_cli), "serve", "service:FalconService", "--host", "127.0.0.1", "--port", str(port)]
+    cmd = [str(bentoml_cli), "serve", target, "--host", "127.0.0.1", "--port", str(port)]
     _LOGS.append(log_path)
     url = f"http://127.0.0.1:{port}"
     with log_path.open("wb") as log:
@@ -159,8 +161,9 @@ def make_server(bentoml_home: Path, model_tag, tmp_path: Path):
     """Start a server of its own for one test (one the test may stop); stopped after the test."""
     started = []
 
-    def make(name: str, **settings: str) -> Served:
-        gen = _serve(bentoml_home, model_tag.name, tmp_path / f"{name}.log", **settings)
+    def make(name: str, target: str = "service:FalconService", env_extra: dict | None = None, **settings: str
+             ) -> Served:
+        gen = _serve(bentoml_home, model_tag.name, tmp_path / f"{name}.log", target, env_extra, **settings)
         started.append(gen)
         return next(gen)
 

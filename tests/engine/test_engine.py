@@ -558,3 +558,31 @@ def test_default_kv_budget_comes_from_free_memory(tiny_model, monkeypatch):
     assert kv_cache.default_kv_budget(config, torch.float32, cpu, 0.5, max_rows=64, max_len=2048) == 64 * 2048
     assert kv_cache.default_kv_budget(config, torch.float32, cpu, 0.5, max_rows=1000, max_len=2048) == 500 * 2048
     assert kv_cache.default_kv_budget(config, torch.float32, cpu, 1e-9, max_rows=64, max_len=2048) == 2048
+
+
+# ---------- liveness ----------
+
+
+async def test_the_engine_is_not_alive_after_failed_steps_in_a_row_or_a_stall(make_engine, controlled_model, prompts):
+    engine = make_engine(controlled_model)
+    assert engine.alive() == (True, "ok")
+    assert (await run_one(engine, prompts[0], greedy(2)))[0].finish_reason == "length"
+    controlled_model.fail = True
+    for failed in (1, 2, 3):
+        with pytest.raises(EngineError):
+            await run_one(engine, prompts[0], greedy(2))
+        assert engine.alive()[0] == (failed < 3)
+    assert engine.alive() == (False, "3 generation steps failed in a row")
+    controlled_model.fail = False
+    await run_one(engine, prompts[0], greedy(2))  # a good step: alive again
+    assert engine.alive() == (True, "ok")
+    # a step that never ends while there is work: alive until the stall time, then not
+    controlled_model.running.clear()
+    stream = engine.submit(GenerationRequest(tuple(prompts[0]), greedy(2)))
+    await asyncio.sleep(0.3)
+    assert engine.alive(stall_seconds=5)[0]
+    alive, why = engine.alive(stall_seconds=0.2)
+    assert not alive and "finished no step" in why
+    controlled_model.running.set()
+    await collect(stream)
+    assert engine.alive(stall_seconds=0.2) == (True, "ok"), "idle is not stalled"
