@@ -401,6 +401,15 @@ def report(check: Check) -> str:
                      f"({mixed['ratio']:.2f}x) | <= 1.3x | {met} |")
     elif mixed.get("error"):
         lines.append(f"| mixed step | failed: {mixed['error'][:120]} | | <= 1.3x | no |")
+    varlen = model.get("mixed_step_varlen") or {}
+    if varlen.get("ratio") is not None:
+        met = "yes" if varlen["ratio"] <= TARGET_MIXED_VS_DECODE else "no"
+        logits = model.get("mixed_step_logits_varlen") or {}
+        lines.append(f"| the same mixed step, attention in one Triton kernel (`FALCON_ATTENTION=varlen`) | "
+                     f"{fmt(varlen['mixed_ms'], 2, ' ms')} | {fmt(varlen['decode_ms'], 2, ' ms')} "
+                     f"({varlen['ratio']:.2f}x); logits rel. L2 {fmt(logits.get('rel_l2'), 4)} | <= 1.3x | {met} |")
+    elif varlen.get("error"):
+        lines.append(f"| mixed step, varlen attention | failed: {varlen['error'][:120]} | | <= 1.3x | no |")
     mixed_logits = model.get("mixed_step_logits") or {}
     if mixed_logits.get("rel_l2") is not None:
         lines.append(f"| logits of a mixed step ({mixed_logits['decoding']} decode rows + a prompt), rel. L2 vs "

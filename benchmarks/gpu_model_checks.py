@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from falcon_service.engine import varlen_attention
 from falcon_service.engine.batch import NewPrompt, RunningBatch, StagedChunk
 from falcon_service.engine.cuda_graphs import DecodeGraphs, StepGraphs
 from falcon_service.engine.falcon import FalconRunner
@@ -130,10 +131,12 @@ def attention_fast_paths(model) -> dict:
     return result
 
 
-def decoding_batch(model, batch_rows: int, decoding: int) -> tuple[FalconRunner, RunningBatch]:
+def decoding_batch(model, batch_rows: int, decoding: int, attention: str = "split"
+                   ) -> tuple[FalconRunner, RunningBatch]:
     """A batch of `batch_rows` rows (CUDA graphs on a GPU: decode steps whole, steps that prefill in pieces)
     with `decoding` rows of 32-token prompts, warmed up by three decode steps, the device idle."""
-    runner = FalconRunner(model, batch_rows=batch_rows, max_len=model.config.max_position_embeddings)
+    runner = FalconRunner(model, batch_rows=batch_rows, max_len=model.config.max_position_embeddings,
+                          attention=attention)
     graphs = step_graphs = None
     if runner.device.type == "cuda":
         graphs, step_graphs = DecodeGraphs(runner), StepGraphs(runner, batch_rows + 512)
@@ -146,11 +149,11 @@ def decoding_batch(model, batch_rows: int, decoding: int) -> tuple[FalconRunner,
     return runner, batch
 
 
-def mixed_step(model, decoding: int = 64, prompt: int = 32, repeats: int = 7) -> dict:
+def mixed_step(model, decoding: int = 64, prompt: int = 32, repeats: int = 7, attention: str = "split") -> dict:
     """A step that decodes `decoding` rows and prefills one `prompt`-token prompt, against a pure decode step of
     the same rows (median wall times; on a GPU the decode step replays its graph, the mixed step the pieces of
-    its token bucket with attention between them)."""
-    runner, batch = decoding_batch(model, decoding + 1, decoding)
+    its token bucket with attention between them: `attention`'s kernels)."""
+    runner, batch = decoding_batch(model, decoding + 1, decoding, attention)
 
     def timed(step) -> float:
         times = []
@@ -168,18 +171,19 @@ def mixed_step(model, decoding: int = 64, prompt: int = 32, repeats: int = 7) ->
         batch.free([20_000 + i])
 
     decode_ms, mixed_ms = timed(lambda _: batch.run(True)), timed(mixed)
-    return {"decoding": decoding, "prompt": prompt, "decode_ms": decode_ms, "mixed_ms": mixed_ms,
-            "ratio": mixed_ms / decode_ms}
+    return {"decoding": decoding, "prompt": prompt, "attention": attention, "decode_ms": decode_ms,
+            "mixed_ms": mixed_ms, "ratio": mixed_ms / decode_ms}
 
 
-def mixed_step_logits(model, decoding: int = 64) -> dict:
+def mixed_step_logits(model, decoding: int = 64, attention: str = "split") -> dict:
     """The logits of a mixed step (every row decoding a teacher-forced token, and a new 32-token prompt) through
-    the serving path (graphs on a GPU), against transformers' forward of each sequence whole."""
+    the serving path (graphs on a GPU; `attention`'s kernels), against transformers' forward of each sequence."""
     generator = torch.Generator().manual_seed(1)
     vocab = model.config.vocab_size
     rows = torch.randint(0, vocab, (decoding, PROMPT + 4), generator=generator).tolist()
     fresh = torch.randint(0, vocab, (PROMPT,), generator=generator).tolist()
-    runner = FalconRunner(model, batch_rows=decoding + 1, max_len=model.config.max_position_embeddings)
+    runner = FalconRunner(model, batch_rows=decoding + 1, max_len=model.config.max_position_embeddings,
+                          attention=attention)
     graphs = step_graphs = None
     if runner.device.type == "cuda":
         graphs, step_graphs = DecodeGraphs(runner), StepGraphs(runner, decoding + 1 + 512)
@@ -193,7 +197,7 @@ def mixed_step_logits(model, decoding: int = 64) -> dict:
     with torch.inference_mode():
         theirs = torch.cat([model(torch.tensor(rows, device=runner.device)).logits[:, -1],
                             model(torch.tensor([fresh], device=runner.device)).logits[:, -1]]).float()
-    return {"decoding": decoding, **compare(ours, theirs)}
+    return {"decoding": decoding, "attention": attention, **compare(ours, theirs)}
 
 
 def decode_step_times(model, batch_sizes: tuple[int, ...] = (1, 64), steps: int = 50) -> dict:
@@ -347,6 +351,15 @@ def main(argv: list[str] | None = None) -> int:
         report["mixed_step"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
     print(f"mixed step: {report['mixed_step']}", flush=True)
     save()
+    if device.type == "cuda" and varlen_attention.available():  # the one-kernel attention, against the split one
+        for name, check in (("mixed_step_varlen", lambda: mixed_step(model, attention="varlen")),
+                            ("mixed_step_logits_varlen", lambda: mixed_step_logits(model, 64, attention="varlen"))):
+            try:
+                report[name] = check()
+            except Exception as exc:
+                report[name] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+            print(f"{name}: {report[name]}", flush=True)
+            save()
     # the float32 reference before the peer: on the first GPU run the compiled peer timed out once and
     # crashed (SIGSEGV in inductor) once, and took the correctness figures with it
     if not a.skip_float32:

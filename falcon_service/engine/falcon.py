@@ -20,11 +20,13 @@ import math
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
+from . import varlen_attention
 from .device import DeviceIO
 from .kv_cache import KVCache
 
@@ -56,6 +58,7 @@ def context_length(config) -> int:
 
 
 Linear = Callable[[torch.Tensor], torch.Tensor]
+Attention = Literal["split", "varlen"]
 
 
 def make_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> Linear:
@@ -128,12 +131,18 @@ class FalconRunner:
     With `release_weights`, each linear's original weight is dropped from the model once its
     prepacked copy exists (CPU), so the weights are held once; the model is then no longer usable
     on its own.
+
+    `attention`: how a step's attention runs (`StepBatch.attend`): "split" (decode rows and prompt segments
+    apart, SDPA's kernels) or "varlen" (one Triton kernel for all of a step's tokens: varlen_attention.py).
     """
 
     def __init__(self, model: PreTrainedModel, batch_rows: int, max_len: int, release_weights: bool = False,
-                 pool_rows: int | None = None) -> None:
+                 pool_rows: int | None = None, attention: Attention = "split") -> None:
         cfg = model.config
         check_architecture(cfg)
+        if attention == "varlen" and not varlen_attention.available():
+            raise ValueError("attention 'varlen' needs Triton (a GPU's torch has it)")
+        self.attention = attention
         self.max_len = max_len
         self.num_heads = cfg.num_attention_heads
         self.head_dim = cfg.hidden_size // cfg.num_attention_heads
@@ -321,7 +330,11 @@ class StepBatch:
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Every token's attention over its row (the cache holds this layer's keys and values): (tokens, H * D)."""
-        decode, prefill, split = self.decode, self.prefill, self.count
+        decode, prefill, split, r = self.decode, self.prefill, self.count, self.runner
+        if r.attention == "varlen" and (decode is None or decode.shared is None):
+            out = varlen_attention.varlen_attention(q.contiguous(), r.keys[layer], r.values[layer], self.write_rows,
+                                                    self.positions, r.scale)
+            return out.reshape(out.shape[0], -1)
         if decode is not None and prefill is not None:
             return torch.cat([decode.attend(layer, q[:split]), prefill.attend(layer, q[split:], k[split:], v[split:])])
         if decode is not None:
