@@ -359,3 +359,30 @@ def test_token_buckets_cover_every_step_with_little_padding():
         chosen = bucket(tokens, buckets)
         assert chosen is not None and tokens <= chosen and chosen - tokens <= max(7, tokens // 8)
     assert token_buckets(5) == [1, 2, 4, 5]
+
+
+def test_every_token_bucket_replays_a_mixed_step_as_the_eager_forward_computes_it(tiny_model):
+    """Each bucket of the captured pieces, filled exactly and with the most padding it takes (one token past the
+    bucket below): two rows decoding and a prompt segment, logits equal to the eager forward's."""
+    from falcon_service.engine.cuda_graphs import StepGraphs, token_buckets
+    from falcon_service.engine.falcon import Segment, StepBatch
+
+    def replaying(piece):
+        return piece
+
+    buckets = token_buckets(72)
+    eager_runner = FalconRunner(tiny_model, batch_rows=4, max_len=128)
+    runner = FalconRunner(tiny_model, batch_rows=4, max_len=128)
+    graphs = StepGraphs(runner, max_tokens=72, capture=replaying)
+    for r in (eager_runner, runner):  # two rows that decode
+        r.prefill([0, 1], [[5, 6, 7], [8, 9]], [0, 0])
+        r.lengths[:2] = torch.tensor([3, 2])
+        r.write_rows[:2] = torch.tensor([0, 1])
+        r.tokens[:2] = torch.tensor([11, 12])
+    sizes = sorted({b for b in buckets if b > 2} | {lower + 1 for lower in buckets if lower + 1 > 2})
+    for tokens in sizes:
+        prompt = [(7 * i) % 500 + 3 for i in range(tokens - 2)]
+        want = eager_runner.forward(StepBatch(eager_runner, 2, 4, None, [Segment(2, 0, prompt)]))
+        got = graphs.forward(StepBatch(runner, 2, 4, None, [Segment(2, 0, prompt)]))
+        torch.testing.assert_close(got, want, atol=ATOL, rtol=0, msg=f"{tokens} tokens")
+    assert graphs.captured == {b for b in buckets if b >= 3}
