@@ -393,23 +393,18 @@ def report(check: Check) -> str:
         lines.append(f"| 256 streams, output tok/s / TTFT p50 / errors | {fmt(tok_s, 0)} / {fmt(ttft, 1, ' ms')} / "
                      f"{most.get('errors', '?')} | GPU busy {fmt(percent(most.get('gpu_busy_share')), 0, '%')} | "
                      f">= 12,000 / <= 500 ms / 0 | {'yes' if ok and not most.get('errors') else 'no'} |")
-    mixed = model.get("mixed_step") or {}
-    if mixed.get("ratio") is not None:
-        met = "yes" if mixed["ratio"] <= TARGET_MIXED_VS_DECODE else "no"
-        lines.append(f"| mixed step ({mixed['decoding']} decode rows + a {mixed['prompt']}-token prompt) vs the pure "
-                     f"decode step | {fmt(mixed['mixed_ms'], 2, ' ms')} | {fmt(mixed['decode_ms'], 2, ' ms')} "
-                     f"({mixed['ratio']:.2f}x) | <= 1.3x | {met} |")
-    elif mixed.get("error"):
-        lines.append(f"| mixed step | failed: {mixed['error'][:120]} | | <= 1.3x | no |")
-    varlen = model.get("mixed_step_varlen") or {}
-    if varlen.get("ratio") is not None:
-        met = "yes" if varlen["ratio"] <= TARGET_MIXED_VS_DECODE else "no"
-        logits = model.get("mixed_step_logits_varlen") or {}
-        lines.append(f"| the same mixed step, attention in one Triton kernel (`FALCON_ATTENTION=varlen`) | "
-                     f"{fmt(varlen['mixed_ms'], 2, ' ms')} | {fmt(varlen['decode_ms'], 2, ' ms')} "
-                     f"({varlen['ratio']:.2f}x); logits rel. L2 {fmt(logits.get('rel_l2'), 4)} | <= 1.3x | {met} |")
-    elif varlen.get("error"):
-        lines.append(f"| mixed step, varlen attention | failed: {varlen['error'][:120]} | | <= 1.3x | no |")
+    for key, logits_key, name in (
+            ("mixed_step", "mixed_step_logits", "split attention"),
+            ("mixed_step_varlen", "mixed_step_logits_varlen", "one Triton attention kernel, FALCON_ATTENTION=varlen")):
+        mixed, logits = model.get(key) or {}, model.get(logits_key) or {}
+        if mixed.get("ratio") is not None:
+            met = "yes" if mixed["ratio"] <= TARGET_MIXED_VS_DECODE else "no"
+            lines.append(f"| mixed step ({mixed['decoding']} decode rows + a {mixed['prompt']}-token prompt; {name}) "
+                         f"vs the pure decode step | {fmt(mixed['mixed_ms'], 2, ' ms')} | "
+                         f"{fmt(mixed['decode_ms'], 2, ' ms')} ({mixed['ratio']:.2f}x); logits rel. L2 "
+                         f"{fmt(logits.get('rel_l2'), 4)} | <= 1.3x | {met} |")
+        elif mixed.get("error"):
+            lines.append(f"| mixed step ({name}) | failed: {mixed['error'][:120]} | | <= 1.3x | no |")
     mixed_logits = model.get("mixed_step_logits") or {}
     if mixed_logits.get("rel_l2") is not None:
         lines.append(f"| logits of a mixed step ({mixed_logits['decoding']} decode rows + a prompt), rel. L2 vs "

@@ -61,15 +61,11 @@ def bucket(value: int, buckets: list[int]) -> int | None:
     return next((b for b in buckets if b >= value), None)
 
 
-class DecodeGraphs:
-    """Captured decode steps of a runner; `decode(count, width)` has the signature of `runner.decode`.
+class _Graphs:
+    """Steps captured as CUDA graphs into one memory pool, on a side stream; `capture` (tests on a CPU) stands in
+    for the capture: it turns a step's function into what replays it."""
 
-    `capture` turns a step's function into what replays it: a CUDA graph by default; tests on a CPU
-    pass one that replays by calling the function, so the buckets, padding and output buffer run
-    exactly as around a graph.
-    """
-
-    def __init__(self, runner: FalconRunner, capture: Capture | None = None) -> None:
+    def __init__(self, runner: FalconRunner, capture: Capture | None) -> None:
         if capture is None:
             if runner.device.type != "cuda":
                 raise ValueError("CUDA graphs need a CUDA device")
@@ -78,6 +74,34 @@ class DecodeGraphs:
             capture = self._cuda_graph
         self._capture_step = capture
         self.runner = runner
+
+    def _cuda_graph(self, step: Step) -> Step:
+        device = self.runner.device
+        self._stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(self._stream):
+            for _ in range(2):  # warm-up: library handles, kernel choices (see the module's docstring)
+                step()
+        torch.cuda.current_stream(device).wait_stream(self._stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool, stream=self._stream, capture_error_mode="thread_local"):
+            step()
+        return graph.replay
+
+    def _synchronize(self) -> None:
+        if self.runner.device.type == "cuda":
+            torch.cuda.synchronize(self.runner.device)
+
+
+class DecodeGraphs(_Graphs):
+    """Captured decode steps of a runner; `decode(count, width)` has the signature of `runner.decode`.
+
+    `capture` turns a step's function into what replays it: a CUDA graph by default; tests on a CPU
+    pass one that replays by calling the function, so the buckets, padding and output buffer run
+    exactly as around a graph.
+    """
+
+    def __init__(self, runner: FalconRunner, capture: Capture | None = None) -> None:
+        super().__init__(runner, capture)
         self.batch_buckets = batch_buckets(runner.batch_rows)
         self.width_buckets = width_buckets(runner.max_len)
         self.out = torch.zeros(runner.batch_rows, runner.vocab_size, dtype=runner.dtype, device=runner.device)
@@ -95,8 +119,7 @@ class DecodeGraphs:
             for width in reversed(self.width_buckets):
                 if (rows, width) not in self._graphs:
                     self._capture(rows, width)
-        if self.runner.device.type == "cuda":
-            torch.cuda.synchronize(self.runner.device)
+        self._synchronize()
         seconds = time.perf_counter() - start
         log.info("captured %d decode graphs (%d batch sizes x %d widths) in %.1f s", len(self._graphs),
                  len(self.batch_buckets), len(self.width_buckets), seconds)
@@ -107,18 +130,6 @@ class DecodeGraphs:
             self.out[:rows].copy_(self.runner.decode(rows, width))
 
         self._graphs[(rows, width)] = self._capture_step(step)
-
-    def _cuda_graph(self, step: Step) -> Step:
-        device = self.runner.device
-        self._stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(self._stream):
-            for _ in range(2):  # warm-up: library handles, kernel choices (see the module's docstring)
-                step()
-        torch.cuda.current_stream(device).wait_stream(self._stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool, stream=self._stream, capture_error_mode="thread_local"):
-            step()
-        return graph.replay
 
     def decode(self, count: int, width: int) -> torch.Tensor:
         """Logits of a decode step of rows 0..count-1 (a view of the output buffer, valid until the next step)."""
@@ -131,7 +142,7 @@ class DecodeGraphs:
         return self.out[:count]
 
 
-class StepGraphs:
+class StepGraphs(_Graphs):
     """Steps that prefill, replayed by token-count bucket: everything between two attention calls (layer norm,
     the projections, rotary positions, the writes of keys and values, the MLP, the residuals) captured once per
     bucket as a piece; the attention calls, whose shapes follow the step's prompts, run between the pieces as
@@ -144,14 +155,7 @@ class StepGraphs:
     """
 
     def __init__(self, runner: FalconRunner, max_tokens: int, capture: Capture | None = None) -> None:
-        if capture is None:
-            if runner.device.type != "cuda":
-                raise ValueError("CUDA graphs need a CUDA device")
-            self._pool = torch.cuda.graph_pool_handle()
-            self._stream = torch.cuda.Stream(device=runner.device)
-            capture = self._cuda_graph
-        self._capture_piece = capture
-        self.runner = runner
+        super().__init__(runner, capture)
         self.buckets = token_buckets(max_tokens)
         size, heads, dim = max_tokens, runner.num_heads, runner.head_dim
         new = {"dtype": runner.dtype, "device": runner.device}
@@ -180,8 +184,7 @@ class StepGraphs:
         for tokens in reversed(self.buckets):
             if tokens not in self._pieces:
                 self._capture(tokens)
-        if self.runner.device.type == "cuda":
-            torch.cuda.synchronize(self.runner.device)
+        self._synchronize()
         seconds = time.perf_counter() - start
         log.info("captured the pieces of steps of %d token counts in %.1f s", len(self._pieces), seconds)
         return seconds
@@ -213,19 +216,7 @@ class StepGraphs:
                     project(layer + 1)
             return piece
 
-        self._pieces[tokens] = [self._capture_piece(first)] + [self._capture_piece(between(i)) for i in range(layers)]
-
-    def _cuda_graph(self, piece: Step) -> Step:
-        device = self.runner.device
-        self._stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(self._stream):
-            for _ in range(2):  # warm-up: library handles, kernel choices
-                piece()
-        torch.cuda.current_stream(device).wait_stream(self._stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool, stream=self._stream, capture_error_mode="thread_local"):
-            piece()
-        return graph.replay
+        self._pieces[tokens] = [self._capture_step(first)] + [self._capture_step(between(i)) for i in range(layers)]
 
     @torch.inference_mode()
     def forward(self, batch: StepBatch) -> torch.Tensor:

@@ -103,12 +103,7 @@ class PrefixCache:
         """Row `row`'s prefix now holds `tokens` (its tokens and more: a finished sequence's output after its
         prompt), indexed under `salt`; the same `Prefix`, so that matches made of it stay good."""
         prefix = self._by_row[row]
-        for key in prefix.keys:
-            rows = self._index.get(key)
-            if rows is not None:
-                rows.discard(row)
-                if not rows:
-                    del self._index[key]
+        self._unindex(prefix)
         prefix.tokens, prefix.salt = list(tokens), salt
         prefix.keys = block_keys(tokens, previous=salt)
         prefix.last_used = next(self._clock)
@@ -118,12 +113,14 @@ class PrefixCache:
     def drop(self, row: int) -> None:
         """Row `row` holds nothing reusable any more."""
         prefix = self._by_row.pop(row, None)
-        if prefix is None:
-            return
+        if prefix is not None:
+            self._unindex(prefix)
+
+    def _unindex(self, prefix: Prefix) -> None:
         for key in prefix.keys:
             rows = self._index.get(key)
             if rows is not None:
-                rows.discard(row)
+                rows.discard(prefix.row)
                 if not rows:
                     del self._index[key]
 
