@@ -69,3 +69,28 @@ def test_layers_import_only_downwards():
         for path in (ROOT / folder).rglob("*.py"):
             bad = {m for m in _imports(path) if m.startswith(banned)}
             assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
+
+
+def _constants(path: Path) -> set[str]:
+    """UPPER_CASE names this module assigns at its top level (type variables aside)."""
+    names = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Assign):
+            targets, value = node.targets, node.value
+        elif isinstance(node, ast.AnnAssign) and node.value is not None:
+            targets, value = [node.target], node.value
+        else:
+            continue
+        if isinstance(value, ast.Call) and getattr(value.func, "id", None) == "TypeVar":
+            continue
+        names |= {t.id for t in targets if isinstance(t, ast.Name) and t.id.isupper()}
+    return names
+
+
+def test_a_constant_is_defined_in_one_module():
+    """A value two modules must agree on (a Retry-After, a default) has one home that the other imports."""
+    homes: dict[str, list[str]] = {}
+    for path in sorted((ROOT / "falcon_service").rglob("*.py")):
+        for name in _constants(path):
+            homes.setdefault(name, []).append(str(path.relative_to(ROOT)))
+    assert {name: paths for name, paths in homes.items() if len(paths) > 1} == {}

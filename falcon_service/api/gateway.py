@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .auth import check_api_key
-from .errors import APIError, validation_error
+from .errors import RETRY_AFTER_SECONDS, APIError, validation_error
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -28,7 +28,6 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 PROBES = frozenset({"/livez", "/readyz", "/healthz", "/health"})
-RETRY_AFTER_SECONDS = 1
 
 
 @dataclass(frozen=True)
