@@ -21,8 +21,9 @@ routes each request itself (no proxy hop, the same for both policies):
 Each policy runs on freshly started replicas (the prefix caches start empty) after a warm-up of requests
 without the prefixes; the policies alternate order between repeats. Reported per policy: the prefix-cache
 hit rate (prompt tokens the servers found cached, from each reply's usage, and the servers' own
-falcon_prefix_cache_* counters), TTFT p50/p95 and end-to-end latency as the client saw them, output tok/s,
-and how the requests split over the replicas. Results go to benchmarks/results/prefix-routing-<time>.json.
+falcon_prefix_cache_hits and falcon_prompt_tokens counters), TTFT p50/p95 and end-to-end latency as the
+client saw them, output tok/s, and how the requests split over the replicas. Results go to
+benchmarks/results/prefix-routing-<time>.json.
 """
 
 from __future__ import annotations
@@ -128,11 +129,12 @@ def stop_replicas(replicas: list[Replica]) -> None:
 
 
 def prefix_counters(url: str) -> tuple[float, float]:
-    """(prompt tokens looked up, found) from a replica's falcon_prefix_cache_* counters."""
+    """(prompt tokens, those found in the prefix cache) from a replica's falcon_prompt_tokens and
+    falcon_prefix_cache_hits counters."""
     text = httpx.get(f"{url}/metrics", timeout=10).text
     found = {m.group(1): float(m.group(2)) for m in
-             re.finditer(r"^falcon_prefix_cache_(queries|hits)_total\{[^}]*\} (\S+)$", text, re.M)}
-    return found.get("queries", 0.0), found.get("hits", 0.0)
+             re.finditer(r"^falcon_(prompt_tokens|prefix_cache_hits)_total\{[^}]*\} (\S+)$", text, re.M)}
+    return found.get("prompt_tokens", 0.0), found.get("prefix_cache_hits", 0.0)
 
 
 # ---------------------------------------------------------------- routing
@@ -291,13 +293,13 @@ def summarize(policy: str, results: list[Result], seconds: float, counters: list
               replicas: int) -> dict:
     prompt = sum(r.prompt_tokens for r in results)
     cached = sum(r.cached_tokens for r in results)
-    queried = sum(q for q, _ in counters)
+    counted = sum(p for p, _ in counters)
     hits = sum(h for _, h in counters)
     ttfts = [r.ttft * 1000 for r in results]
     return {
         "policy": policy, "requests": len(results), "seconds": round(seconds, 1),
         "hit_rate_usage": round(cached / prompt, 4) if prompt else None,
-        "hit_rate_counters": round(hits / queried, 4) if queried else None,
+        "hit_rate_counters": round(hits / counted, 4) if counted else None,
         "prompt_tokens_mean": round(prompt / len(results), 1),
         "ttft_p50_ms": round(statistics.median(ttfts), 1), "ttft_p95_ms": round(percentile(ttfts, 95), 1),
         "e2e_p50_ms": round(statistics.median(r.e2e * 1000 for r in results), 1),

@@ -52,15 +52,15 @@ class ServiceMetrics:
         self._prefix_tokens = prom.Gauge(f"{PREFIX}prefix_cache_tokens",
                                          "KV-cache tokens of finished sequences kept for reuse",
                                          labels, multiprocess_mode="livemax", **kw).labels(model_name)
-        self._queried = prom.Counter(f"{PREFIX}prefix_cache_queries",
-                                     "Prompt tokens looked up in the prefix cache", labels, **kw).labels(model_name)
+        # The hit rate's denominator is falcon_prompt_tokens: every prompt token is looked up (when prefix caching
+        # is on), so a separate count of tokens looked up would always equal it (and claim lookups when it is off).
         self._hits = prom.Counter(f"{PREFIX}prefix_cache_hits",
                                   "Prompt tokens found in the prefix cache (not computed)", labels, **kw
                                   ).labels(model_name)
         self._hit_rate = prom.Gauge(f"{PREFIX}prefix_cache_hit_rate",
                                     "Share of prompt tokens found in the prefix cache since the start",
                                     labels, multiprocess_mode="livemax", **kw).labels(model_name)
-        self._queried_total = self._hits_total = 0
+        self._prompt_total = self._hits_total = 0
         self._ttft = prom.Histogram(f"{PREFIX}time_to_first_token_seconds", "Time from request to first token",
                                     labels, buckets=TTFT_BUCKETS, **kw).labels(model_name)
         self._tpot = prom.Histogram(f"{PREFIX}time_per_output_token_seconds", "Time per output token after the first",
@@ -98,12 +98,11 @@ class ServiceMetrics:
 
     def on_request_done(self, record: RequestRecord) -> None:
         self._prompt.inc(record.prompt_tokens)
-        self._queried.inc(record.prompt_tokens)
         self._hits.inc(record.cached_tokens)
-        self._queried_total += record.prompt_tokens
+        self._prompt_total += record.prompt_tokens
         self._hits_total += record.cached_tokens
-        if self._queried_total:
-            self._hit_rate.set(self._hits_total / self._queried_total)
+        if self._prompt_total:
+            self._hit_rate.set(self._hits_total / self._prompt_total)
         self._generated.inc(record.completion_tokens)
         self._finished.labels(self._model_name, record.finish_reason).inc()
         if record.time_to_first_token is not None:
