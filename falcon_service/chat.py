@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from .engine.request import InvalidRequest
+from .engine import InvalidRequest
 
 # Falcon-7B-Instruct goes on writing the next dialogue turn itself; chat requests stop there by default.
 DEFAULT_CHAT_STOP: list[str] = ["\nUser:"]
@@ -67,18 +67,20 @@ def _plain_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any
     return plain
 
 
-def render(messages: Sequence[Mapping[str, Any]], tokenizer: Any = None, system: str | None = None) -> str:
+def render(messages: Sequence[Mapping[str, Any]], template: Callable[[list[dict[str, Any]]], str] | None = None,
+           system: str | None = None) -> str:
     """The whole conversation as one prompt ending where the assistant's reply begins; `system` is more
     system text (what tools there are).
 
-    Uses the tokenizer's chat template if it has one, otherwise Falcon's plain format: system
-    text first, then `User: ...` / `Assistant: ...` (and `Tool result: ...`) lines, ending with `Assistant:`.
+    Uses the model's chat template if it has one (`EngineClient.chat_template`), otherwise Falcon's plain
+    format: system text first, then `User: ...` / `Assistant: ...` (and `Tool result: ...`) lines, ending
+    with `Assistant:`.
     """
     plain = _plain_messages(messages)
     if system:
         plain = [{"role": "system", "content": system}, *plain]
-    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=True)
+    if template is not None:
+        return template(plain)
     lines = [m["content"] for m in plain if m["role"] == "system"]
     lines += [f"{_SPEAKERS[m['role']]}: {m['content']}" for m in plain if m["role"] != "system"]
     lines.append("Assistant:")

@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from .engine.loader import EngineOptions
+from .engine import EngineOptions
 
 ENV_PREFIX = "FALCON_"
 

@@ -12,7 +12,7 @@ gives the prefix cache's block size), so the same values go out under those name
 
 from __future__ import annotations
 
-from .engine.engine import RequestRecord
+from .engine import RequestRecord
 
 PREFIX = "falcon_"
 VLLM = "vllm:"

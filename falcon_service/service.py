@@ -157,7 +157,7 @@ class FalconService:
 
     def _load(self) -> None:
         try:
-            from .engine.loader import load_engine
+            from .engine import EngineClient
             from .metrics import ServiceMetrics
 
             model = self._stored_model()
@@ -166,8 +166,8 @@ class FalconService:
                             model.tag)
             log.info("loading %s", model.tag)
             metrics = ServiceMetrics(SETTINGS.model_name)
-            self.engine = load_engine(model.path, SETTINGS.engine_options(), observer=metrics)
-            metrics.set_kv_capacity(self.engine.limits.max_batch_tokens)  # KV-cache utilization's denominator
+            self.engine = EngineClient.start(model.path, SETTINGS.engine_options(), observer=metrics)
+            metrics.set_kv_capacity(self.engine.max_batch_tokens)  # KV-cache utilization's denominator
             serving.attach(self.engine)
         except BaseException as exc:
             log.exception("loading the model failed")

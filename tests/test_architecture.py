@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import ast
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,7 +34,7 @@ def mapped_paths() -> set[str]:
 def test_the_map_lists_every_file_of_the_package_and_no_other():
     listed = {p for p in mapped_paths() if p.startswith("falcon_service/") and p.endswith(".py")}
     actual = {str(p.relative_to(ROOT)) for p in (ROOT / "falcon_service").rglob("*.py")
-              if p.name != "__init__.py"}
+              if p.name != "__init__.py" or p.read_text().strip()}  # an empty __init__.py has no job
     assert listed == actual
 
 
@@ -57,6 +59,47 @@ def _imports(path: Path) -> set[str]:
         elif isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
     return found
+
+
+def _engine_names(path: Path) -> set[tuple[str, str]]:
+    """(module, name) of each import in this file that reaches into falcon_service.engine; name "" for a
+    module imported whole."""
+    package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                module = ".".join([*base, module] if module else base)
+            for alias in node.names:
+                if f"{module}.{alias.name}".startswith("falcon_service.engine"):
+                    found.add((module, alias.name))
+        elif isinstance(node, ast.Import):
+            found |= {(a.name, "") for a in node.names if a.name.startswith("falcon_service.engine")}
+    return found
+
+
+def test_the_engine_has_one_door():
+    """Outside the engine, the package takes from it only what falcon_service/engine/__init__.py exports: its
+    client, how to start it, the request and event types, the errors. That interface is where the engine's
+    core can move into a process of its own."""
+    import falcon_service.engine
+
+    door = set(falcon_service.engine.__all__)
+    outside = [p for p in (ROOT / "falcon_service").rglob("*.py") if "engine" not in p.relative_to(ROOT).parts]
+    for path in [*outside, ROOT / "service.py"]:
+        taken = _engine_names(path)
+        assert {m for m, _ in taken} <= {"falcon_service.engine"}, f"{path.relative_to(ROOT)} imports {taken}"
+        assert {n for _, n in taken} <= door, f"{path.relative_to(ROOT)} imports {taken}"
+
+
+def test_the_engines_door_opens_without_torch():
+    """Importing the engine package imports nothing heavy until a name is used: the grammar sandbox's child
+    process (`python -m falcon_service.engine.grammar_sandbox`) goes through it and must start without torch."""
+    code = "import sys, falcon_service.engine.grammar_sandbox; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "False", out.stderr
 
 
 def test_layers_import_only_downwards():

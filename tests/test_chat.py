@@ -1,6 +1,8 @@
-"""chat.render: the built-in Falcon format, tokenizer chat templates, and input validation."""
+"""chat.render: the built-in Falcon format, the model's chat template, and input validation."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 
@@ -13,10 +15,6 @@ CONVERSATION = [
     {"role": "user", "content": "Name a bird"},
 ]
 
-TEMPLATE = (
-    "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
 
 
 def test_builtin_falcon_format_exact():
@@ -44,20 +42,12 @@ def test_whole_conversation_is_rendered_in_order():
     assert prompt.count("User:") == 2 and prompt.count("Assistant:") == 2
 
 
-def test_tokenizer_without_template_gets_builtin_format(tiny_tokenizer):
-    assert not tiny_tokenizer.chat_template
-    assert render(CONVERSATION, tiny_tokenizer) == render(CONVERSATION)
-
-
-def test_tokenizer_chat_template_is_used(tiny_checkpoint):
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)  # a private copy: the template is set on it
-    tokenizer.chat_template = TEMPLATE
+def test_the_models_chat_template_renders_the_plain_messages():
+    """The template (`EngineClient.chat_template`) gets the messages as plain text, with the extra system text
+    first."""
     messages = [*CONVERSATION[:3], {"role": "user", "content": [{"type": "text", "text": "Name a bird"}]}]
-    assert render(messages, tokenizer) == (
-        "<|system|>Be brief.\n<|user|>Hi\n<|assistant|>Hello!\n<|user|>Name a bird\n<|assistant|>"
-    )
+    prompt = render(messages, lambda plain: json.dumps(plain), system="Tools: none.")
+    assert json.loads(prompt) == [{"role": "system", "content": "Tools: none."}, *CONVERSATION]
 
 
 def test_unknown_role_is_rejected_naming_it_and_the_allowed_roles():

@@ -10,8 +10,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..engine.engine import EngineError, InvalidRequest
-from ..engine.scheduler import QueueFullError
+from ..engine import EngineError, InvalidRequest, QueueFullError
 from .protocol import ErrorDetail, ErrorResponse, new_id
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, field_serializer, field_validator, model_validator
 
-from ..engine.request import FinishReason
+from ..engine import FinishReason
 
 MAX_STOP_SEQUENCES = 4
 MAX_N = 16

@@ -14,12 +14,19 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
 from pydantic import BaseModel
-from transformers import PreTrainedTokenizerBase
 
 from .. import chat
-from ..engine.engine import ChoiceEvent, Engine, FinishReason, GenerationRequest, RequestStream
-from ..engine.grammar import Grammar, UnsupportedGrammar
-from ..engine.sampling import SamplingParams, TokenLogprob
+from ..engine import (
+    ChoiceEvent,
+    EngineClient,
+    FinishReason,
+    GenerationRequest,
+    Grammar,
+    RequestStream,
+    SamplingParams,
+    TokenLogprob,
+    UnsupportedGrammar,
+)
 from .errors import APIError, bad_request, load_failed, model_not_found, not_ready, to_api_error
 from .protocol import (
     ChatChoice,
@@ -118,13 +125,10 @@ class OpenAIServing:
         self.model_name = model_name
         self.default_chat_stop = default_chat_stop
         self.created = created or now()
-        self.engine: Engine | None = None
-        self.tokenizer: PreTrainedTokenizerBase | None = None
+        self.engine: EngineClient | None = None
         self.load_failure: str | None = None
-        self._token_chars: int | None = None  # the longest token's length in characters
 
-    def attach(self, engine: Engine) -> None:
-        self.tokenizer = engine.tokenizer
+    def attach(self, engine: EngineClient) -> None:
         self.engine = engine
 
     def fail(self, error: BaseException) -> None:
@@ -139,7 +143,7 @@ class OpenAIServing:
         """Why there is no engine: still loading, or loading failed."""
         return load_failed(self.load_failure) if self.load_failure else not_ready()
 
-    def _engine(self) -> Engine:
+    def _engine(self) -> EngineClient:
         if self.engine is None:
             raise self.unavailable()
         return self.engine
@@ -150,7 +154,7 @@ class OpenAIServing:
 
     # ---------- request -> engine ----------
 
-    def _check_common(self, body: OpenAIRequest) -> Engine:
+    def _check_common(self, body: OpenAIRequest) -> EngineClient:
         if body.model != self.model_name:
             raise model_not_found(body.model)
         if (unsupported := unsupported_field(body)) is not None:
@@ -158,13 +162,13 @@ class OpenAIServing:
             raise bad_request(f"`{field}`: {message}.", param=field, code="unsupported_parameter")
         return self._engine()
 
-    async def _grammar(self, engine: Engine, found: Constraint | None) -> Grammar | None:
+    async def _grammar(self, engine: EngineClient, found: Constraint | None) -> Grammar | None:
         """The compiled grammar of a request's constraint (compiled off the event loop and the engine's
         thread, cached); a 400 naming what the grammar engine cannot do."""
         if found is None:
             return None
         try:
-            return await engine.grammars.compile_async(found.spec)
+            return await engine.compile_grammar(found.spec)
         except UnsupportedGrammar as exc:
             raise bad_request(f"`{found.param}` cannot be used: {exc}", param=found.param,
                               code="unsupported_grammar") from None
@@ -202,20 +206,15 @@ class OpenAIServing:
             grammar=grammar,
         )
 
-    def _refuse_if_surely_too_long(self, engine: Engine, chars: int, param: str) -> None:
+    @staticmethod
+    def _refuse_if_surely_too_long(engine: EngineClient, chars: int, param: str) -> None:
         """A text longer than the context could hold even at the tokenizer's longest tokens is refused before
         any work: tokenizing a megabyte of text takes seconds."""
-        if chars > engine.max_model_len * self._max_token_chars(engine):
+        if chars > engine.max_model_len * engine.max_token_chars:
             raise bad_request(
                 f"This model's maximum context length is {engine.max_model_len} tokens; the input has {chars} "
                 "characters, more than that many tokens can hold. Shorten it.", param=param,
                 code="context_length_exceeded")
-
-    def _max_token_chars(self, engine: Engine) -> int:
-        if self._token_chars is None:
-            vocab = engine.tokenizer.get_vocab()
-            self._token_chars = max((len(t) for t in vocab), default=1)
-        return self._token_chars
 
     async def _prepare_chat(self, body: ChatCompletionRequest, tenant: str | None) -> _Prepared:
         engine = self._check_common(body)
@@ -226,8 +225,8 @@ class OpenAIServing:
         system = tools_prompt(tool, list(found.tools)) if found is not None and tool is not None else None
 
         def tokenize() -> tuple[str, list[int]]:
-            prompt = chat.render(messages, engine.tokenizer, system)
-            return prompt, engine.tokenizer.encode(prompt, add_special_tokens=False)
+            prompt = chat.render(messages, engine.chat_template, system)
+            return prompt, engine.encode(prompt)
 
         prompt, ids = await asyncio.to_thread(tokenize)  # off the event loop: the server answers meanwhile
         grammar = await self._grammar(engine, found)
@@ -260,12 +259,12 @@ class OpenAIServing:
         for p in prompts:
             if isinstance(p, str):
                 self._refuse_if_surely_too_long(engine, len(p), "prompt")
-                ids = await asyncio.to_thread(engine.tokenizer.encode, p, add_special_tokens=False)
+                ids = await asyncio.to_thread(engine.encode, p)
                 text = p
             else:
                 if any(not 0 <= t < engine.vocab_size for t in p):
                     raise bad_request("prompt token ids must be inside the vocabulary", param="prompt")
-                ids, text = list(p), engine.tokenizer.decode(p)
+                ids, text = list(p), engine.decode(p)
             if not ids:
                 raise bad_request("prompt must not be empty", param="prompt")
             params = self._params(body, len(ids), body.max_new_tokens, body.stop_list(), body.logprobs, "max_tokens",
@@ -282,15 +281,14 @@ class OpenAIServing:
                 streams.append(engine.submit(request))
         except BaseException:
             for s in streams:
-                s.abort()
+                engine.abort(s)
             raise
         return streams
 
     # ---------- engine -> responses ----------
 
     def _token_text(self, token_id: int) -> str:
-        assert self.tokenizer is not None
-        return self.tokenizer.decode([token_id])
+        return self._engine().decode([token_id])
 
     def chat_logprobs(self, lps: Seq[TokenLogprob]) -> ChatLogprobs:
         entries = []
@@ -320,8 +318,7 @@ class OpenAIServing:
         return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
                      prompt_tokens_details=cached)
 
-    @staticmethod
-    async def _events(streams: Seq[RequestStream]) -> AsyncIterator[tuple[int, ChoiceEvent]]:
+    async def _events(self, streams: Seq[RequestStream]) -> AsyncIterator[tuple[int, ChoiceEvent]]:
         """Events of all streams as they come, as (choice index across prompts, event); aborts on exit."""
         try:
             if len(streams) == 1:
@@ -353,16 +350,15 @@ class OpenAIServing:
                 for t in tasks:
                     t.cancel()
         finally:
-            OpenAIServing._abort_unfinished(streams)
+            self._abort_unfinished(streams)
 
-    @staticmethod
-    def _abort_unfinished(streams: Seq[RequestStream]) -> None:
+    def _abort_unfinished(self, streams: Seq[RequestStream]) -> None:
         """Stop what nobody will read any more (the client hung up, or a failure ended the response); once."""
         unfinished = [s for s in streams if not s.finished and not s.aborted]
         for s in unfinished:
-            s.abort()
+            self._engine().abort(s)
         if unfinished:
-            usage = OpenAIServing._usage(streams)
+            usage = self._usage(streams)
             log.info("request aborted after %d prompt + %d completion tokens",
                      usage.prompt_tokens, usage.completion_tokens)
 

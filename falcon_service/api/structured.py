@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from ..engine.grammar import GrammarSpec
+from ..engine import GrammarSpec
 from .errors import bad_request
 from .protocol import ChatCompletionRequest, CompletionRequest, Tool
 from .tool_calls import ToolMode, tool_grammar

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ..chat import TOOL_CALL_MARKER, written_call
-from ..engine.grammar import GrammarSpec
+from ..engine import GrammarSpec
 from .protocol import Tool
 
 NO_ARGUMENTS = {"type": "object", "properties": {}, "additionalProperties": False}

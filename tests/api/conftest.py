@@ -11,6 +11,7 @@ from fastapi import FastAPI
 
 from falcon_service.api.routes import create_app
 from falcon_service.api.serving import OpenAIServing
+from falcon_service.engine import EngineClient
 from falcon_service.engine.engine import Engine
 from falcon_service.engine.scheduler import BatchLimits
 
@@ -26,7 +27,7 @@ class Api:
     client: httpx.AsyncClient
 
     def attach(self) -> None:
-        self.serving.attach(self.engine)
+        self.serving.attach(EngineClient(self.engine))
 
 
 MakeApi = Callable[..., Awaitable[Api]]
