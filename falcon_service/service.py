@@ -30,14 +30,13 @@ import bentoml
 import yaml
 from bentoml.exceptions import BentoMLException, NotFound
 
-from .api.auth import check_api_key
 from .api.errors import to_api_error
-from .api.gateway import Drain, GatewayRules
 from .api.protocol import ChatRequest, GenerateRequest
-from .api.routes import create_app, served_paths, until_disconnect
+from .api.routes import caller_tenant, create_app, served_paths, until_disconnect
 from .api.serving import OpenAIServing
 from .config import Settings
-from .http_server import install_gateway, limit_request_heads, request_spans_only
+from .server.gateway import Drain, GatewayRules
+from .server.patches import install_gateway, limit_request_heads, request_spans_only
 
 log = logging.getLogger("falcon_service")
 EXIT_LOAD_FAILED = 3  # the server's exit status when the model could not be loaded
@@ -79,13 +78,8 @@ def _settings() -> tuple[Settings, bool]:
 SETTINGS, MODEL_IN_BENTO = _settings()
 log.setLevel(SETTINGS.log_level)  # the package's loggers: model loading, aborted requests
 serving = OpenAIServing(SETTINGS.model_name, default_chat_stop=SETTINGS.default_chat_stop)
-openai_app = create_app(serving, SETTINGS.api_key)
+openai_app = create_app(serving)
 drain = Drain()
-
-
-def _tenant(ctx: bentoml.Context) -> str | None:
-    """Which API key a native call came with, when several are set (the gateway has checked it)."""
-    return check_api_key(ctx.request.headers.get("authorization"), SETTINGS.api_key)
 
 
 def _bento_error(exc: BaseException) -> BentoMLException:
@@ -219,8 +213,8 @@ class FalconService:
     @bentoml.api(input_spec=GenerateRequest)
     async def generate(self, ctx: bentoml.Context, **params: Any) -> AsyncGenerator[str, None]:
         """Stream the completion of `prompt` as text chunks."""
-        try:  # the API key was checked by the gateway (api/gateway.py), as for every route
-            chunks = await serving.generate(GenerateRequest(**params), _tenant(ctx))
+        try:  # the API key was checked by the gateway (server/gateway.py), as for every route
+            chunks = await serving.generate(GenerateRequest(**params), caller_tenant(ctx.request))
             first = await anext(chunks, None)
         except Exception as exc:
             raise _bento_error(exc) from exc
@@ -233,7 +227,8 @@ class FalconService:
     async def chat(self, ctx: bentoml.Context, **params: Any) -> dict[str, Any]:
         """Answer a conversation; returns the reply, the finish reason and token usage."""
         try:  # a client that hangs up (or times out) aborts the generation, as on /v1
-            reply = await until_disconnect(ctx.request, serving.chat_reply(ChatRequest(**params), _tenant(ctx)))
+            reply = await until_disconnect(ctx.request,
+                                           serving.chat_reply(ChatRequest(**params), caller_tenant(ctx.request)))
         except Exception as exc:
             raise _bento_error(exc) from exc
         return reply.model_dump(mode="json")

@@ -103,10 +103,14 @@ def test_the_engines_door_opens_without_torch():
 
 
 def test_layers_import_only_downwards():
+    """engine < api < server < service: each wing imports only those below it (the server, the HTTP edge, has no
+    business with the engine)."""
     forbidden = {
-        "falcon_service/engine": ("falcon_service.api", "falcon_service.service", "falcon_service.config",
-                                  "falcon_service.metrics", "bentoml", "fastapi", "starlette", "pydantic"),
-        "falcon_service/api": ("falcon_service.service", "bentoml"),
+        "falcon_service/engine": ("falcon_service.api", "falcon_service.server", "falcon_service.service",
+                                  "falcon_service.config", "falcon_service.metrics", "bentoml", "fastapi",
+                                  "starlette", "pydantic"),
+        "falcon_service/api": ("falcon_service.server", "falcon_service.service", "bentoml"),
+        "falcon_service/server": ("falcon_service.engine", "falcon_service.service"),
     }
     for folder, banned in forbidden.items():
         for path in (ROOT / folder).rglob("*.py"):

@@ -1,4 +1,9 @@
-"""FastAPI routes: thin glue between HTTP and `OpenAIServing`, plus SSE framing and disconnects."""
+"""FastAPI routes: thin glue between HTTP and `OpenAIServing`, plus SSE framing and disconnects.
+
+The API key is the server's edge's (`server/gateway.py`): it checks the key before any route runs and, when
+several keys are set, names the caller's tenant in the request's state (`TENANT`), which the routes pass on
+as the prefix cache's salt.
+"""
 
 from __future__ import annotations
 
@@ -10,22 +15,23 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 
-from .auth import check_api_key
 from .errors import APIError, install_error_handlers, to_api_error
 from .protocol import ChatCompletionRequest, CompletionRequest
 from .serving import OpenAIServing
 
 T = TypeVar("T")
 DISCONNECT_POLL_SECONDS = 0.25
+TENANT = "tenant"  # the request state's attribute that names the caller's tenant (set by the server's edge)
 
 
 def _serving(request: Request) -> OpenAIServing:
     return request.app.state.serving
 
 
-def _tenant(request: Request) -> str | None:
-    """The key check; the caller's tenant (which key, when several are set): its prefix-cache salt."""
-    return check_api_key(request.headers.get("authorization"), request.app.state.api_key)
+def caller_tenant(request: Request) -> str | None:
+    """The caller's tenant (which API key, when several are set): its prompts' prefix-cache salt. The native
+    BentoML APIs use it too."""
+    return getattr(request.state, TENANT, None)
 
 
 async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
@@ -45,7 +51,7 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
             task.cancel()
 
 
-Tenant = Annotated[str | None, Depends(_tenant)]
+Tenant = Annotated[str | None, Depends(caller_tenant)]
 
 
 def _respond(result: BaseModel | AsyncIterator[str]) -> JSONResponse | StreamingResponse:
@@ -64,7 +70,7 @@ async def _answer(request: Request, stream: bool | None, streamed: Callable[[], 
 
 
 def build_router() -> APIRouter:
-    router = APIRouter(prefix="/v1", dependencies=[Depends(_tenant)])
+    router = APIRouter(prefix="/v1")
 
     @router.get("/models")
     async def models(request: Request) -> JSONResponse:
@@ -89,11 +95,10 @@ def build_router() -> APIRouter:
     return router
 
 
-def create_app(serving: OpenAIServing, api_key: str | None = None) -> FastAPI:
+def create_app(serving: OpenAIServing) -> FastAPI:
     """The OpenAI-compatible app: `/v1/...` routes and `/health` (200 when ready, 503 while loading)."""
     app = FastAPI(title="Falcon Service OpenAI API", docs_url=None, redoc_url=None, openapi_url="/v1/openapi.json")
     app.state.serving = serving
-    app.state.api_key = api_key
     install_error_handlers(app)
     app.include_router(build_router())
 

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel
 
-from .. import chat
 from ..engine import (
     ChoiceEvent,
     EngineClient,
@@ -27,6 +26,7 @@ from ..engine import (
     TokenLogprob,
     UnsupportedGrammar,
 )
+from . import chat
 from .errors import APIError, bad_request, load_failed, model_not_found, not_ready, to_api_error
 from .protocol import (
     ChatChoice,

@@ -20,8 +20,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ..chat import TOOL_CALL_MARKER, written_call
 from ..engine import GrammarSpec
+from .chat import TOOL_CALL_MARKER, written_call
 from .protocol import Tool
 
 NO_ARGUMENTS = {"type": "object", "properties": {}, "additionalProperties": False}

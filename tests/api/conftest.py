@@ -42,10 +42,9 @@ async def make_api(tiny_model, tiny_tokenizer) -> AsyncIterator[MakeApi]:
     """
     built: list[Api] = []
 
-    async def make(*, model=None, limits: BatchLimits = ROOMY, api_key: str | None = None,
-                   attach: bool = True) -> Api:
+    async def make(*, model=None, limits: BatchLimits = ROOMY, attach: bool = True) -> Api:
         serving = OpenAIServing(MODEL_NAME)
-        app = create_app(serving, api_key=api_key)
+        app = create_app(serving)
         if hasattr(model, "runner_factory"):  # a ControlledModel (tests/conftest.py)
             engine = Engine(model.inner, tiny_tokenizer, limits, runner_factory=model.runner_factory, cuda_graphs=False)
         else:

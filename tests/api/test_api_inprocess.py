@@ -69,28 +69,6 @@ async def test_not_ready_until_the_engine_is_attached(make_api):
     assert response.json()["object"] == "chat.completion"
 
 
-# ---------- auth ----------
-
-
-@pytest.mark.parametrize("authorization", [None, "Bearer wrong", "Bearer ", "Basic k", "k", "Bearer kk"])
-async def test_api_key_is_required(make_api, authorization: str | None):
-    api = await make_api(api_key="k")
-    headers = {} if authorization is None else {"Authorization": authorization}
-    response = await api.client.post("/v1/chat/completions", json=chat_body(), headers=headers)
-    assert_error(response, 401, "authentication_error", code="invalid_api_key")
-    models = await api.client.get("/v1/models", headers=headers)
-    assert_error(models, 401, "authentication_error", code="invalid_api_key")
-
-
-async def test_right_api_key_is_accepted(make_api):
-    api = await make_api(api_key="k")
-    headers = {"Authorization": "Bearer k"}
-    models = await api.client.get("/v1/models", headers=headers)
-    assert models.status_code == 200 and models.json()["data"][0]["id"] == MODEL_NAME
-    response = await api.client.post("/v1/chat/completions", json=chat_body(), headers=headers)
-    assert response.status_code == 200, response.text
-
-
 # ---------- 404 and 400 ----------
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 
+from falcon_service.api.chat import DEFAULT_CHAT_STOP
 from falcon_service.api.protocol import ChatCompletionRequest
-from falcon_service.chat import DEFAULT_CHAT_STOP
 from falcon_service.engine.engine import Engine
 
 MODEL_NAME = "falcon-7b-instruct"  # as in tests/api/conftest.py

@@ -9,9 +9,9 @@ import random
 
 import pytest
 
+from falcon_service.api.chat import written_call
 from falcon_service.api.protocol import FunctionDefinition, Tool
 from falcon_service.api.tool_calls import ToolCallParser, ToolMode, tool_grammar
-from falcon_service.chat import written_call
 from falcon_service.engine.grammar import GrammarCompiler
 
 WEATHER = Tool(function=FunctionDefinition(name="get_weather", parameters={

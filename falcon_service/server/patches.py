@@ -1,6 +1,6 @@
 """The HTTP server's edges that BentoML does not expose as settings.
 
-- The front door (`api.gateway.Gateway`) must see a request before BentoML's traffic-metrics
+- The front door (`gateway.Gateway`) must see a request before BentoML's traffic-metrics
   middleware does: that one labels its series with the raw path, so every unknown path would add
   series to /metrics for good. BentoML puts user middleware inside its own, so the gateway is
   installed around that middleware (BentoML builds it by name at app creation).
@@ -14,7 +14,7 @@
 
 They adapt pinned versions (bentoml 1.4.40, uvicorn 0.55, httptools 0.9, opentelemetry-instrumentation-asgi
 0.66b1); the e2e tests exercise them (the head deadline with httptools, as the server runs), and
-`tests/test_http_stack.py` runs the head deadline on a real uvicorn with each of its parsers and the
+`tests/server/test_patches.py` runs the head deadline on a real uvicorn with each of its parsers and the
 middleware on a streamed response.
 """
 
@@ -24,7 +24,7 @@ import contextlib
 import logging
 from functools import partial
 
-from .api.gateway import Drain, Gateway, GatewayRules
+from .gateway import Drain, Gateway, GatewayRules
 
 log = logging.getLogger(__name__)
 

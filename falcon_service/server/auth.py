@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hmac
 
-from .errors import APIError
+from ..api.errors import APIError
 
 
 def api_keys(setting: str | None) -> tuple[str, ...]:

@@ -18,8 +18,9 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from ..api.errors import RETRY_AFTER_SECONDS, APIError, validation_error
+from ..api.routes import TENANT
 from .auth import check_api_key
-from .errors import RETRY_AFTER_SECONDS, APIError, validation_error
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -108,7 +109,7 @@ class Gateway:
             await self.app(scope, receive, send)
             return
         path, headers = scope["path"], _headers(scope)
-        refusal = self._refusal(path, headers)
+        refusal = self._refusal(scope, path, headers)
         if refusal is not None:
             await _send_error(send, refusal)
             return
@@ -123,13 +124,15 @@ class Gateway:
         finally:
             self.drain._done()
 
-    def _refusal(self, path: str, headers: dict[str, str]) -> APIError | None:
+    def _refusal(self, scope: Scope, path: str, headers: dict[str, str]) -> APIError | None:
         rules = self.rules
         if rules.api_key and not rules.open(path):
             try:
-                check_api_key(headers.get("authorization"), rules.api_key)
+                tenant = check_api_key(headers.get("authorization"), rules.api_key)
             except APIError as exc:
                 return exc
+            if tenant is not None:  # several keys: the routes salt the caller's cached prefixes with its tenant
+                scope.setdefault("state", {})[TENANT] = tenant
         if not rules.known(path):
             return APIError(404, f"Unknown endpoint {path}.", code="unknown_url")
         if self.drain.draining:

@@ -3,7 +3,7 @@
 BentoML builds its uvicorn config with neither `loop` nor `http` set ("auto"), so uvicorn takes
 uvloop and httptools when they are installed. requirements.txt pins both: a libuv event loop and a
 C HTTP parser cost less CPU per streamed token than asyncio's own loop and h11 (benchmarks/RESULTS.md),
-and on a CPU that time is taken from the engine. The request-head deadline (`http_server`) must hold
+and on a CPU that time is taken from the engine. The request-head deadline (`server/patches.py`) must hold
 with either parser: each runs here on a real uvicorn. And a streamed response is traced in one span,
 not in one per SSE chunk (OpenTelemetry's ASGI middleware, as BentoML installs it).
 """
@@ -22,7 +22,7 @@ import uvloop
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from falcon_service.http_server import limit_request_heads
+from falcon_service.server.patches import limit_request_heads
 
 HEAD_TIMEOUT = 0.6
 
@@ -162,7 +162,7 @@ def test_a_streamed_response_is_traced_in_one_span_not_one_per_message() -> None
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
     from opentelemetry.util.http import ExcludeList
 
-    from falcon_service.http_server import request_spans_only
+    from falcon_service.server.patches import request_spans_only
 
     # BentoML takes the middleware from its module when it builds a service's app
     assert "from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware" in inspect.getsource(

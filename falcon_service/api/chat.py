@@ -6,7 +6,7 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from .engine import InvalidRequest
+from ..engine import InvalidRequest
 
 # Falcon-7B-Instruct goes on writing the next dialogue turn itself; chat requests stop there by default.
 DEFAULT_CHAT_STOP: list[str] = ["\nUser:"]

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from falcon_service.chat import DEFAULT_CHAT_STOP, ChatTemplateError, message_text, render
+from falcon_service.api.chat import DEFAULT_CHAT_STOP, ChatTemplateError, message_text, render
 
 CONVERSATION = [
     {"role": "system", "content": "Be brief."},
