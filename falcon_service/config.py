@@ -1,4 +1,8 @@
-"""Every setting in one typed object, read from `FALCON_*` environment variables."""
+"""Every setting in one typed object, read from `FALCON_*` environment variables.
+
+The engine's settings take their defaults from the engine (`EngineOptions`, `engine/options.py`): one
+place holds each default, here they are read from the environment and validated.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +12,10 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from .engine import EngineOptions
+from .engine import DEFAULT_BATCH_SIZE, DEFAULT_PREFILL_TOKENS, IDLE_PREFILL_TOKENS, EngineOptions
 
 ENV_PREFIX = "FALCON_"
+ENGINE = EngineOptions()  # the engine's defaults
 
 
 class Settings(BaseModel):
@@ -23,41 +28,44 @@ class Settings(BaseModel):
     )
     served_model_name: str | None = Field(None, description="model id clients send; default: the tag's name")
     device: Literal["auto", "cuda", "cpu"] = Field(
-        "auto", description="auto: CUDA when PyTorch can use it, else the CPU (an error when a GPU is there but "
-        "unusable)")
+        ENGINE.device,  # type: ignore[arg-type]
+        description="auto: CUDA when PyTorch can use it, else the CPU (an error when a GPU is there but unusable)")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
-        "auto", description="auto: bfloat16 on CUDA; on CPU the checkpoint's own dtype, but float32 where the CPU "
-        "lacks fast bf16 matmuls and float32 fits"
-    )
+        ENGINE.dtype,  # type: ignore[arg-type]
+        description="auto: bfloat16 on CUDA; on CPU the checkpoint's own dtype, but float32 where the CPU lacks fast "
+        "bf16 matmuls and float32 fits")
     max_batch_size: int | None = Field(
-        None, ge=1, description="sequences decoding together (each of n choices counts); default: 256 on a GPU "
-        "(where a decode step reads the weights once for all rows, and 256 Falcon-7B rows are 4 GiB of KV cache), "
-        "64 on CPU (where a step's time grows with its rows)")
+        ENGINE.max_batch_size, ge=1,
+        description=f"sequences decoding together (each of n choices counts); default: {DEFAULT_BATCH_SIZE['cuda']} on "
+        "a GPU (where a decode step reads the weights once for all rows; a Falcon-7B row is 16 MiB of KV cache), "
+        f"{DEFAULT_BATCH_SIZE['cpu']} on CPU (where a step's time grows with its rows)")
     max_batch_tokens: int | None = Field(
-        None, ge=1, description="KV-cache token budget (running sequences and cached prefixes); default: derived "
-        "from free memory, up to twice max_batch_size contexts with prefix caching"
-    )
+        ENGINE.max_batch_tokens, ge=1,
+        description="KV-cache token budget (running sequences and cached prefixes); default: derived from free memory, "
+        "up to twice max_batch_size contexts with prefix caching")
     kv_cache_memory_fraction: float = Field(
-        0.5, gt=0, le=0.95, description="share of free memory the default KV-cache budget may use"
-    )
-    cuda_graphs: bool = Field(True, description="replay decode steps as CUDA graphs (GPU only)")
+        ENGINE.kv_cache_memory_fraction, gt=0, le=0.95,
+        description="share of free memory the default KV-cache budget may use")
+    cuda_graphs: bool = Field(ENGINE.cuda_graphs, description="replay decode steps as CUDA graphs (GPU only)")
     prefix_caching: bool = Field(
-        True, description="reuse the KV cache of prompt prefixes already computed (shared system prompts, chat history)"
-    )
+        ENGINE.prefix_caching,
+        description="reuse the KV cache of prompt prefixes already computed (shared system prompts, chat history)")
     torch_threads: int | None = Field(
-        None, ge=1, description="CPU threads of the engine's torch work; default: all cores the process may use"
-    )
+        ENGINE.torch_threads, ge=1,
+        description="CPU threads of the engine's torch work; default: all cores the process may use")
     max_prefill_tokens: int | None = Field(
-        None, ge=1, description="prompt tokens prefilled per engine step; longer prompts go in chunks; default: "
-        "128 on CPU (where a step's time grows with its tokens; a long prompt's chunks 512 while nothing decodes), "
-        "512 on a GPU"
-    )
-    max_queue_size: int = Field(256, ge=0, description="requests waiting for a batch slot before 429")
+        ENGINE.max_prefill_tokens, ge=1,
+        description=f"prompt tokens prefilled per engine step; longer prompts go in chunks; default: "
+        f"{DEFAULT_PREFILL_TOKENS['cpu']} on CPU (where a step's time grows with its tokens; a long prompt's chunks "
+        f"{IDLE_PREFILL_TOKENS} while nothing decodes), {DEFAULT_PREFILL_TOKENS['cuda']} on a GPU")
+    max_queue_size: int = Field(ENGINE.max_queue_size, ge=0, description="requests waiting for a batch slot before 429")
     grammar_compile_seconds: float = Field(
-        3.0, gt=0, description="longest a structured-output grammar (schema, regex, Lark, tools) may take to compile, "
-        "in a sandbox process, before the request gets 400")
+        ENGINE.grammar_compile_seconds, gt=0,
+        description="longest a structured-output grammar (schema, regex, Lark, tools) may take to compile, in a "
+        "sandbox process, before the request gets 400")
     grammar_memory_mb: int = Field(
-        1024, ge=64, description="memory one grammar compile may take, in the sandbox process (a 400 past it)")
+        ENGINE.grammar_memory_mb, ge=64,
+        description="memory one grammar compile may take, in the sandbox process (a 400 past it)")
     api_key: str | None = Field(
         None, description="when set, requests need `Authorization: Bearer <key>` (see api_key_scope); several keys "
         "separated by commas: each is a tenant whose prompts share cached prefixes only with its own"

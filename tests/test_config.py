@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import ast
+from dataclasses import fields
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
+from falcon_service import config
 from falcon_service.config import Settings
+from falcon_service.engine import EngineOptions
 
 
 def test_settings_read_from_environment() -> None:
@@ -39,3 +45,14 @@ def test_invalid_settings_are_rejected(var: str, value: str) -> None:
 def test_prefix_caching_is_on_by_default_and_off_with_its_variable() -> None:
     assert Settings.from_env({}).engine_options().prefix_caching is True
     assert Settings.from_env({"FALCON_PREFIX_CACHING": "false"}).engine_options().prefix_caching is False
+
+
+def test_the_engines_defaults_are_written_once_in_the_engine() -> None:
+    """Each engine option's default is EngineOptions' (engine/options.py), which Settings names rather than repeats."""
+    engine_fields = {f.name for f in fields(EngineOptions)}
+    tree = ast.parse(Path(config.__file__).read_text())
+    settings = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Settings")
+    written = {node.target.id: ast.unparse(node.value.args[0]) for node in settings.body
+               if isinstance(node, ast.AnnAssign) and node.target.id in engine_fields}
+    assert written == {name: f"ENGINE.{name}" for name in engine_fields}
+    assert Settings().engine_options() == EngineOptions()

@@ -1,4 +1,5 @@
-"""Generation behind one door: `EngineClient`, how to start it, the request and event types, the errors.
+"""Generation behind one door: `EngineClient`, how to start it (its options and their defaults), the request
+and event types, the errors.
 
 These names are all that the API layer and the service take from the engine (tests/test_architecture.py
 holds them to it). Each is imported when first used: the grammar sandbox's child process
@@ -11,7 +12,8 @@ from importlib import import_module
 from typing import Any
 
 _HOMES = {  # name -> the module that defines it
-    "EngineClient": "client", "EngineOptions": "loader",
+    "EngineClient": "client", "EngineOptions": "options",
+    "DEFAULT_BATCH_SIZE": "options", "DEFAULT_PREFILL_TOKENS": "options", "IDLE_PREFILL_TOKENS": "options",
     "GenerationRequest": "request", "ChoiceEvent": "request", "FinishReason": "request", "RequestRecord": "request",
     "EngineObserver": "request", "RequestStream": "stream", "SamplingParams": "sampling", "TokenLogprob": "sampling",
     "GrammarSpec": "grammar_source", "Grammar": "grammar",

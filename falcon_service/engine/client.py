@@ -18,7 +18,7 @@ from typing import Any
 from .engine import Engine
 from .grammar import Grammar
 from .grammar_source import GrammarSpec
-from .loader import EngineOptions
+from .options import EngineOptions
 from .request import EngineObserver, GenerationRequest
 from .stream import RequestStream
 

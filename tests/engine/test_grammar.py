@@ -15,7 +15,7 @@ import torch
 
 from falcon_service.engine.engine import Engine, EngineError, FinishReason, GenerationRequest, SamplingParams
 from falcon_service.engine.grammar import GrammarCompiler, GrammarSpec, UnsupportedGrammar, allowed_tokens
-from falcon_service.engine.loader import IDLE_PREFILL_TOKENS, default_prefill_tokens
+from falcon_service.engine.options import IDLE_PREFILL_TOKENS, default_prefill_tokens
 from falcon_service.engine.scheduler import BatchLimits
 
 # the defaults users run on a CPU: 128 prompt tokens a step (512 while nothing decodes)

@@ -148,7 +148,8 @@ def test_the_driver_version_is_read_from_the_kernel_module(tmp_path, monkeypatch
 def test_a_cpu_engine_prefills_128_prompt_tokens_per_step_unless_told(tiny_checkpoint, setting, expected, idle):
     """On a CPU a step's time grows with its prompt tokens: the default budget keeps steps short there, and a
     long prompt's chunks are longer while nothing decodes; a budget that is set holds for those too."""
-    from falcon_service.engine.loader import EngineOptions, default_prefill_tokens, load_engine
+    from falcon_service.engine.loader import load_engine
+    from falcon_service.engine.options import EngineOptions, default_prefill_tokens
 
     assert (default_prefill_tokens("cpu"), default_prefill_tokens("cuda")) == (128, 512)
     engine = load_engine(tiny_checkpoint, EngineOptions(device="cpu", dtype="float32", max_batch_size=2,
@@ -164,7 +165,8 @@ def test_a_cpu_engine_prefills_128_prompt_tokens_per_step_unless_told(tiny_check
 
 def test_the_batch_size_defaults_to_the_device_s(tiny_checkpoint):
     """256 sequences on a GPU (a decode step reads the weights once for all rows), 64 on a CPU; a set size holds."""
-    from falcon_service.engine.loader import EngineOptions, default_batch_size, load_engine
+    from falcon_service.engine.loader import load_engine
+    from falcon_service.engine.options import EngineOptions, default_batch_size
 
     assert (default_batch_size("cpu"), default_batch_size("cuda")) == (64, 256)
     for setting, expected in ((None, 64), (3, 3)):
