@@ -1,45 +1,104 @@
-"""The BentoML service: loads the model, owns the engine, serves the OpenAI app and native APIs.
+"""The BentoML service, built from `Settings` by `build_service`: it loads the model in the background, owns
+the engine (through its client), serves the OpenAI app and the native APIs, and puts the server's edge in
+front of BentoML.
 
-This is the only module that knows BentoML, the engine and the API layer together.
+This is the only module that knows BentoML, the engine, the API layer and the server together. Importing it
+does nothing: `service.py` at the repository's root (what `bentoml serve` and `bentoml build` load) builds
+the service from the environment's settings, and tests build one from settings of their own.
 """
 
 from __future__ import annotations
 
-import os
-
-# Only the engine's step-loop thread runs multi-threaded torch work (it sets its own count, see
-# Settings.torch_threads). OpenMP thread teams belong to the thread that starts them, and on CPU a
-# team started first by any other thread makes the engine's ops about 2x slower. So every other
-# thread stays single-threaded: this must run before torch is imported. (BentoML itself sets
-# OMP_NUM_THREADS=1 in the worker of a GPU service, so its value says nothing about the machine.)
-os.environ["OMP_NUM_THREADS"] = "1"
-
 import asyncio
 import atexit
 import contextlib
+import functools
 import logging
+import os
 import signal
 import tempfile
 import threading
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Mapping
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import bentoml
 import yaml
 from bentoml.exceptions import BentoMLException, NotFound
+from fastapi import FastAPI
 
 from .api.errors import to_api_error
 from .api.protocol import ChatRequest, GenerateRequest
 from .api.routes import caller_tenant, create_app, served_paths, until_disconnect
 from .api.serving import OpenAIServing
 from .config import Settings
+from .engine import EngineClient
+from .metrics import ServiceMetrics
+from .server import patches
 from .server.gateway import Drain, GatewayRules
-from .server.patches import install_gateway, limit_request_heads, request_spans_only
 
 log = logging.getLogger("falcon_service")
 EXIT_LOAD_FAILED = 3  # the server's exit status when the model could not be loaded
+BENTOML_ROUTES = frozenset({"/", "/docs.json", "/schema.json", "/metrics"})  # UI, docs, scrape: open unless scope "all"
+
+
+def settings_from_environment(environ: Mapping[str, str] | None = None) -> Settings:
+    """This deployment's settings: the FALCON_* variables, and inside a built Bento its manifest.
+
+    At `bentoml build`, FALCON_BAKE_MODEL decides whether the model goes into the Bento. Inside a built
+    Bento, the manifest says whether it is there (`bake_model`); a Bento that carries its model serves it
+    unless FALCON_MODEL says otherwise; one that does not loads FALCON_MODEL from the store at BENTOML_HOME
+    (a volume that an init container fills).
+    """
+    env = os.environ if environ is None else environ
+    settings = Settings.from_env(dict(env))
+    manifest = Path(env.get("BENTO_PATH", "")) / "bento.yaml"
+    if not (env.get("BENTO_PATH") and manifest.is_file()):
+        return settings
+    services = yaml.safe_load(manifest.read_text()).get("services") or [{}]
+    models = services[0].get("models") or []
+    update: dict[str, Any] = {"bake_model": bool(models)}
+    if models and "FALCON_MODEL" not in env:
+        update["model"] = models[0]["tag"]
+    return settings.model_copy(update=update)
+
+
+def build_service(settings: Settings) -> bentoml.Service:
+    """The BentoML service for these settings.
+
+    Building it also sets the server's edge into BentoML and uvicorn (`server/patches.py`: once a process,
+    each patch checking first that the installed version is one it was written for, and failing with the
+    versions named otherwise) with these settings' rules.
+    """
+    log.setLevel(settings.log_level)  # the package's loggers: model loading, aborted requests
+    serving = OpenAIServing(settings.model_name, default_chat_stop=settings.default_chat_stop)
+    openai_app = create_app(serving)
+    parts: dict[str, Any] = {"__doc__": FalconService.__doc__, "settings": settings, "serving": serving,
+                             "openai_app": openai_app, "drain": Drain()}
+    if settings.bake_model:  # the model goes into (or is in) the Bento; else it is loaded from BENTOML_HOME's store
+        parts["model_ref"] = bentoml.models.BentoModel(settings.model)
+    inner = type(FalconService.__name__, (FalconService,), parts)
+    service = bentoml.service(name="falcon-service", workers=1, resources={"gpu": 1},
+                              traffic={"timeout": settings.timeout}, labels={"model": settings.model_name})(inner)
+    service = bentoml.asgi_app(openai_app, path="/")(service)
+    patches.install(gateway_rules(settings, service), inner.drain, settings.head_timeout)
+    atexit.unregister(_exit_status_of_a_failed_load)  # once, however many services a process builds
+    atexit.register(_exit_status_of_a_failed_load)
+    return service
+
+
+def gateway_rules(settings: Settings, service: bentoml.Service) -> GatewayRules:
+    """The server's routes (BentoML's own, the native APIs, the OpenAI app's) and the front door's settings."""
+    native = {api.route for api in service.apis.values()}
+    openai = served_paths(service.inner.openai_app)
+    return GatewayRules(
+        api_key=settings.api_key, key_scope=settings.api_key_scope, max_body_bytes=settings.max_body_bytes,
+        body_timeout=settings.body_timeout, routes=frozenset(BENTOML_ROUTES | native | openai),
+        route_prefixes=("/static_content/", "/assets/"),
+        open_paths=frozenset(BENTOML_ROUTES | {"/v1/openapi.json"}),
+        native_apis=frozenset(native),
+    )
 
 
 def _load_failed_mark(server_pid: int) -> Path:
@@ -47,9 +106,8 @@ def _load_failed_mark(server_pid: int) -> Path:
     return Path(tempfile.gettempdir()) / f"falcon-service-{server_pid}.load-failed"
 
 
-@atexit.register
 def _exit_status_of_a_failed_load() -> None:
-    """In `bentoml serve`'s own process, which imports this module too: a worker that failed to load the model
+    """In `bentoml serve`'s own process, which builds the service too: a worker that failed to load the model
     stopped the server; the server then exits with EXIT_LOAD_FAILED, not the 0 of a stop it was asked for."""
     mark = _load_failed_mark(os.getpid())
     if mark.exists():
@@ -57,29 +115,10 @@ def _exit_status_of_a_failed_load() -> None:
         os._exit(EXIT_LOAD_FAILED)
 
 
-def _settings() -> tuple[Settings, bool]:
-    """Settings from the environment, and whether the model is part of the Bento (and so of its image).
-
-    At `bentoml build`, FALCON_BAKE_MODEL decides. Inside a built Bento, its manifest says; a Bento
-    that carries its model serves it unless FALCON_MODEL says otherwise; one that does not loads
-    FALCON_MODEL from the store at BENTOML_HOME (a volume that an init container fills).
-    """
-    settings = Settings.from_env()
-    manifest = Path(os.environ.get("BENTO_PATH", "")) / "bento.yaml"
-    if not (os.environ.get("BENTO_PATH") and manifest.is_file()):
-        return settings, settings.bake_model
-    services = yaml.safe_load(manifest.read_text()).get("services") or [{}]
-    models = services[0].get("models") or []
-    if models and "FALCON_MODEL" not in os.environ:
-        settings = settings.model_copy(update={"model": models[0]["tag"]})
-    return settings, bool(models)
-
-
-SETTINGS, MODEL_IN_BENTO = _settings()
-log.setLevel(SETTINGS.log_level)  # the package's loggers: model loading, aborted requests
-serving = OpenAIServing(SETTINGS.model_name, default_chat_stop=SETTINGS.default_chat_stop)
-openai_app = create_app(serving)
-drain = Drain()
+@functools.cache
+def _metrics(model_name: str) -> ServiceMetrics:
+    """A model's Prometheus metrics: the process holds one set of series, however many services it builds."""
+    return ServiceMetrics(model_name)
 
 
 def _bento_error(exc: BaseException) -> BentoMLException:
@@ -92,23 +131,19 @@ def _bento_error(exc: BaseException) -> BentoMLException:
     return BentoMLException(err.message, error_code=status)
 
 
-@bentoml.asgi_app(openai_app, path="/")
-@bentoml.service(
-    name="falcon-service",
-    workers=1,
-    resources={"gpu": 1},
-    traffic={"timeout": SETTINGS.timeout},
-    labels={"model": SETTINGS.model_name},
-)
 class FalconService:
     """Falcon-7B-Instruct with continuous batching and an OpenAI-compatible API at `/v1`."""
 
-    if MODEL_IN_BENTO:  # else loaded from the store at BENTOML_HOME when the service starts
-        model_ref = bentoml.models.BentoModel(SETTINGS.model)
+    # set by build_service on the class it makes of this one
+    settings: ClassVar[Settings]
+    serving: ClassVar[OpenAIServing]
+    openai_app: ClassVar[FastAPI]
+    drain: ClassVar[Drain]
+    model_ref: ClassVar[bentoml.Model]  # with settings.bake_model: the model in the Bento
 
     def __init__(self) -> None:
         self.load_error: BaseException | None = None
-        self.engine = None
+        self.engine: EngineClient | None = None
         self._dead: str | None = None  # why the engine is not alive, once it is not (logged once)
         self._in_server = self._drain_on_sigterm()
         # Load in the background: /livez answers at once, /readyz and /health turn 200 when ready.
@@ -129,44 +164,41 @@ class FalconService:
         previous = signal.getsignal(signal.SIGTERM)
 
         def on_sigterm(sig: int, frame) -> None:
-            if drain.draining:  # the arbiter passes the signal on too
+            if self.drain.draining:  # the arbiter passes the signal on too
                 return
-            drain.begin()
-            log.info("SIGTERM: draining %d request(s) in flight, for at most %d s", drain.in_flight,
-                     SETTINGS.drain_seconds)
+            self.drain.begin()
+            log.info("SIGTERM: draining %d request(s) in flight, for at most %d s", self.drain.in_flight,
+                     self.settings.drain_seconds)
             loop.call_soon_threadsafe(lambda: loop.create_task(self._drain_then_exit(previous, sig)))
 
         signal.signal(signal.SIGTERM, on_sigterm)
         return True
 
     async def _drain_then_exit(self, previous, sig: int) -> None:
-        if not await drain.wait_idle(SETTINGS.drain_seconds):
-            log.warning("drain time is up with %d request(s) in flight: ending them", drain.in_flight)
+        if not await self.drain.wait_idle(self.settings.drain_seconds):
+            log.warning("drain time is up with %d request(s) in flight: ending them", self.drain.in_flight)
             if self.engine is not None:
                 self.engine.shutdown()  # every stream ends with an error event, then [DONE]
-            await drain.wait_idle(10)
+            await self.drain.wait_idle(10)
         log.info("drained; shutting down")
         if callable(previous):
             previous(sig, None)
 
     def _load(self) -> None:
         try:
-            from .engine import EngineClient
-            from .metrics import ServiceMetrics
-
             model = self._stored_model()
             if model.info.labels.get("random_weights") == "true":
                 log.warning("serving %s: RANDOM WEIGHTS, for trying the plumbing only; its text is noise",
                             model.tag)
             log.info("loading %s", model.tag)
-            metrics = ServiceMetrics(SETTINGS.model_name)
-            self.engine = EngineClient.start(model.path, SETTINGS.engine_options(), observer=metrics)
+            metrics = _metrics(self.settings.model_name)
+            self.engine = EngineClient.start(model.path, self.settings.engine_options(), observer=metrics)
             metrics.set_kv_capacity(self.engine.max_batch_tokens)  # KV-cache utilization's denominator
-            serving.attach(self.engine)
+            self.serving.attach(self.engine)
         except BaseException as exc:
             log.exception("loading the model failed")
             self.load_error = exc
-            serving.fail(exc)  # (a service built directly, as tests do, reports it: 503s, and not alive)
+            self.serving.fail(exc)  # (a service built directly, as tests do, reports it: 503s, and not alive)
             if self._in_server:
                 self._stop_server(f"loading the model failed: {type(exc).__name__}: {exc}")
 
@@ -184,18 +216,18 @@ class FalconService:
 
     def _stored_model(self) -> bentoml.Model:
         """The model in the Bento, or else in the store at BENTOML_HOME."""
-        if MODEL_IN_BENTO:
+        if self.settings.bake_model:
             return self.model_ref  # the stored model (BentoModel resolves on an instance)
         try:
-            return bentoml.models.get(SETTINGS.model)
+            return bentoml.models.get(self.settings.model)
         except NotFound:
             home = os.environ.get("BENTOML_HOME", "~/bentoml")
-            raise NotFound(f"model {SETTINGS.model} is not in the store at BENTOML_HOME={home}: import it there "
-                           "first (`python import_model.py`; the Kubernetes init container does), or build a Bento "
-                           "that carries it (FALCON_BAKE_MODEL=true bentoml build)") from None
+            raise NotFound(f"model {self.settings.model} is not in the store at BENTOML_HOME={home}: import it "
+                           "there first (`python import_model.py`; the Kubernetes init container does), or build a "
+                           "Bento that carries it (FALCON_BAKE_MODEL=true bentoml build)") from None
 
     def __is_ready__(self) -> bool:
-        return serving.ready and not drain.draining
+        return self.serving.ready and not self.drain.draining
 
     def __is_alive__(self) -> bool:
         """False once loading failed, or once the engine stopped making progress (a hung kernel, a step loop
@@ -204,7 +236,7 @@ class FalconService:
             return False
         if self.engine is None:
             return True  # still loading (the startup probe waits on readiness)
-        alive, why = self.engine.alive(SETTINGS.engine_stall_seconds)
+        alive, why = self.engine.alive(self.settings.engine_stall_seconds)
         if not alive and self._dead != why:
             self._dead = why
             log.error("the engine is not alive: %s", why)
@@ -214,7 +246,7 @@ class FalconService:
     async def generate(self, ctx: bentoml.Context, **params: Any) -> AsyncGenerator[str, None]:
         """Stream the completion of `prompt` as text chunks."""
         try:  # the API key was checked by the gateway (server/gateway.py), as for every route
-            chunks = await serving.generate(GenerateRequest(**params), caller_tenant(ctx.request))
+            chunks = await self.serving.generate(GenerateRequest(**params), caller_tenant(ctx.request))
             first = await anext(chunks, None)
         except Exception as exc:
             raise _bento_error(exc) from exc
@@ -228,26 +260,7 @@ class FalconService:
         """Answer a conversation; returns the reply, the finish reason and token usage."""
         try:  # a client that hangs up (or times out) aborts the generation, as on /v1
             reply = await until_disconnect(ctx.request,
-                                           serving.chat_reply(ChatRequest(**params), caller_tenant(ctx.request)))
+                                           self.serving.chat_reply(ChatRequest(**params), caller_tenant(ctx.request)))
         except Exception as exc:
             raise _bento_error(exc) from exc
         return reply.model_dump(mode="json")
-
-
-def _gateway_rules() -> GatewayRules:
-    """The server's routes (BentoML's own, the native APIs, the OpenAI app's) and the front door's settings."""
-    bentoml_routes = {"/", "/docs.json", "/schema.json", "/metrics"}  # UI, docs, scrape: open unless scope "all"
-    native = {api.route for api in FalconService.apis.values()}
-    openai = served_paths(openai_app)
-    return GatewayRules(
-        api_key=SETTINGS.api_key, key_scope=SETTINGS.api_key_scope, max_body_bytes=SETTINGS.max_body_bytes,
-        body_timeout=SETTINGS.body_timeout, routes=frozenset(bentoml_routes | native | openai),
-        route_prefixes=("/static_content/", "/assets/"),
-        open_paths=frozenset(bentoml_routes | {"/v1/openapi.json"}),
-        native_apis=frozenset(native),
-    )
-
-
-install_gateway(_gateway_rules(), drain)
-limit_request_heads(SETTINGS.head_timeout)
-request_spans_only()

@@ -3,9 +3,6 @@ installs them, and nothing else; the model only when it is to be baked into the 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import yaml
@@ -64,22 +61,19 @@ def test_bento_pins_requirements_and_dockerfile_installs_them(bento: tuple[Path,
     assert "download.pytorch.org/whl/cpu" not in dockerfile
 
 
-def service_settings(path: Path, **env_vars: str) -> list[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FALCON_")}
-    env.update(BENTO_PATH=str(path), BENTOML_HOME=str(path.parents[2]), PYTHONPATH=str(path / "src"), **env_vars)
-    code = ("from falcon_service.service import SETTINGS, MODEL_IN_BENTO; "
-            "print(SETTINGS.model, SETTINGS.model_name, MODEL_IN_BENTO)")
-    out = subprocess.run([sys.executable, "-c", code], cwd=path / "src", env=env, capture_output=True, text=True,
-                         timeout=120)
-    assert out.returncode == 0, out.stderr
-    return out.stdout.split()
+def service_settings(path: Path, **env_vars: str) -> tuple[str, str, bool]:
+    """What the service inside the Bento at `path` serves: (model, model id, whether the Bento carries it)."""
+    from falcon_service.service import settings_from_environment
+
+    settings = settings_from_environment({"BENTO_PATH": str(path), **env_vars})
+    return settings.model, settings.model_name, settings.bake_model
 
 
 def test_service_in_a_baked_bento_defaults_to_the_bentos_model(baked_bento: tuple[Path, str]) -> None:
     path, tag = baked_bento
-    assert service_settings(path) == [tag, tag.split(":")[0], "True"]
+    assert service_settings(path) == (tag, tag.split(":")[0], True)
 
 
 def test_service_in_the_default_bento_loads_the_model_from_the_store(bento: tuple[Path, str]) -> None:
     path, tag = bento
-    assert service_settings(path, FALCON_MODEL=tag) == [tag, tag.split(":")[0], "False"]
+    assert service_settings(path, FALCON_MODEL=tag) == (tag, tag.split(":")[0], False)

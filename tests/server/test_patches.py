@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import socket
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import uvicorn
@@ -22,9 +24,11 @@ import uvloop
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from falcon_service.server import patches
 from falcon_service.server.patches import limit_request_heads
 
 HEAD_TIMEOUT = 0.6
+REPO = Path(__file__).resolve().parents[2]
 
 
 async def _app(scope, receive, send) -> None:
@@ -188,3 +192,55 @@ def test_a_streamed_response_is_traced_in_one_span_not_one_per_message() -> None
     assert [m["type"] for m in sent] == ["http.response.start"] + ["http.response.body"] * 6
     spans = exporter.get_finished_spans()
     assert [s.name for s in spans] == ["GET /v1/stream"], [s.name for s in spans]
+
+
+# ---------- the versions each patch was written for ----------
+
+
+def test_a_patch_is_applied_once_and_refuses_a_version_it_was_not_written_for(monkeypatch) -> None:
+    applied = []
+    patch = patches.Patch("a test patch", {"uvicorn": ("0.54", "0.55")}, lambda: applied.append(True))
+    patch.install()
+    patch.install()
+    assert applied == [True]
+    monkeypatch.setattr(patches, "installed_version", lambda distribution: "0.56.0")
+    with pytest.raises(patches.UnsupportedVersion) as refused:
+        patch.install()
+    assert str(refused.value).startswith(
+        "a test patch: written for uvicorn 0.54 or 0.55, but uvicorn 0.56.0 is installed.")
+    monkeypatch.setattr(patches, "installed_version", lambda distribution: None)
+    with pytest.raises(patches.UnsupportedVersion, match="uvicorn is not installed"):
+        patch.install()
+
+
+def test_the_service_does_not_start_on_a_version_its_patches_were_not_written_for(monkeypatch) -> None:
+    from falcon_service.config import Settings
+    from falcon_service.service import build_service
+
+    real = patches.installed_version
+    monkeypatch.setattr(patches, "installed_version",
+                        lambda distribution: "1.5.0" if distribution == "bentoml" else real(distribution))
+    with pytest.raises(patches.UnsupportedVersion, match=re.escape("bentoml 1.4.40, but bentoml 1.5.0 is")):
+        build_service(Settings())
+
+
+def test_the_patches_were_written_for_the_versions_installed_here_and_in_the_image() -> None:
+    """The venv's (requirements.txt) and the image's lock (requirements-image.txt, which pins uvicorn 0.54)."""
+    pins = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", (REPO / "requirements-image.txt").read_text(), re.M))
+    pins = {name.lower().replace("_", "-"): version for name, version in pins.items()}
+    for patch in patches.patches():
+        patch.check()
+        for distribution in patch.written_for:
+            assert patch.accepts(distribution, pins[distribution]), (patch.name, distribution, pins[distribution])
+
+
+@pytest.mark.parametrize("protocol", [H11Protocol, HttpToolsProtocol])
+def test_the_head_deadline_hooks_a_protocol_once_and_takes_each_new_deadline(protocol) -> None:
+    saved = getattr(protocol, "falcon_head_timeout", None)
+    try:
+        limit_request_heads(1.0)
+        hooked = protocol.connection_made
+        limit_request_heads(2.0)
+        assert protocol.connection_made is hooked and protocol.falcon_head_timeout == 2.0
+    finally:
+        protocol.falcon_head_timeout = saved
