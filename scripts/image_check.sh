@@ -20,6 +20,7 @@
 # The heavy steps run under `nice -n 19 ionice -c 3`: others may be using the machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+scripts/setup.sh  # .venv (bentoml) and the checks' tools (kubectl renders the pod's overlay)
 WORK=${IMAGE_CHECK_DIR:-/var/tmp/falcon-image-check}
 IMAGE=localhost/falcon-service:check
 UID_GID=10001

@@ -99,3 +99,19 @@ def controlled_model(tiny_model):
     yield model
     model.fail = False
     model.running.set()
+
+
+TESTS = Path(__file__).resolve().parent
+TIERS = ("e2e", "packaging")  # folders of tests/ whose tests are a tier of their own; the rest are unit tests
+
+
+def tier(path: Path) -> str:
+    """A test's tier, from its folder: e2e (a real `bentoml serve`), packaging (`bentoml build`, the manifests,
+    the image), or unit (in process: `scripts/test.sh --fast`)."""
+    folder = path.resolve().relative_to(TESTS).parts[0]
+    return folder if folder in TIERS else "unit"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        item.add_marker(tier(item.path))

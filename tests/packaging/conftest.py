@@ -63,7 +63,7 @@ def baked_bento(store: tuple[Path, str]) -> tuple[Path, str]:
 
 @pytest.fixture(scope="session")
 def tools() -> Path:
-    """The bin folder of the check tools' venv (made on first use)."""
+    """The bin folder of the check tools' venv (made by scripts/setup.sh)."""
     return tools_bin()
 
 
