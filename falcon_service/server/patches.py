@@ -188,10 +188,9 @@ GATEWAY_FIRST = Patch("the gateway in front of BentoML's traffic metrics", {"ben
 REQUEST_SPANS = Patch("one trace span per request", {"bentoml": ("1.4.40",),
                                                      "opentelemetry-instrumentation-asgi": ("0.66b1",)},
                       _request_spans_only)
-HEAD_DEADLINE_H11 = Patch("the request-head deadline (uvicorn's h11 protocol)", {**UVICORN, "h11": ("0.16",)},
-                          _hook_h11)
-HEAD_DEADLINE_HTTPTOOLS = Patch("the request-head deadline (uvicorn's httptools protocol)",
-                                {**UVICORN, "httptools": ("0.9",)}, _hook_httptools)
+# what these reach into is uvicorn's protocol classes; of h11 they use its public API (a connection's their_state)
+HEAD_DEADLINE_H11 = Patch("the request-head deadline (uvicorn's h11 protocol)", UVICORN, _hook_h11)
+HEAD_DEADLINE_HTTPTOOLS = Patch("the request-head deadline (uvicorn's httptools protocol)", UVICORN, _hook_httptools)
 
 
 def patches() -> list[Patch]:
