@@ -66,6 +66,10 @@ class Settings(BaseModel):
     grammar_memory_mb: int = Field(
         ENGINE.grammar_memory_mb, ge=64,
         description="memory one grammar compile may take, in the sandbox process (a 400 past it)")
+    attention: Literal["split", "varlen"] = Field(
+        ENGINE.attention,  # type: ignore[arg-type]
+        description="a step's attention: `split` (SDPA's kernels, decode rows and prompt segments apart) or `varlen` "
+        "(one Triton kernel for all of a step's tokens; GPU only, measured by scripts/gpu_check.sh)")
     api_key: str | None = Field(
         None, description="when set, requests need `Authorization: Bearer <key>` (see api_key_scope); several keys "
         "separated by commas: each is a tenant whose prompts share cached prefixes only with its own"

@@ -54,3 +54,6 @@ class EngineOptions:
     prefix_caching: bool = True
     grammar_compile_seconds: float = 3.0
     grammar_memory_mb: int = 1024
+    # a step's attention: "split" (SDPA's kernels for decode rows and prompt segments apart) or "varlen" (one
+    # Triton kernel for all of a step's tokens, a GPU's; chosen by the GPU check's measurement, not yet made)
+    attention: str = "split"

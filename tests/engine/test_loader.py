@@ -176,3 +176,22 @@ def test_the_batch_size_defaults_to_the_device_s(tiny_checkpoint):
             assert engine.limits.max_batch_size == expected
         finally:
             engine.shutdown()
+
+
+def test_the_attention_setting_reaches_the_runner_and_varlen_needs_triton(tiny_checkpoint, monkeypatch):
+    from falcon_service.config import Settings
+    from falcon_service.engine import varlen_attention
+    from falcon_service.engine.loader import load_engine
+
+    options = Settings.from_env({"FALCON_ATTENTION": "varlen", "FALCON_DEVICE": "cpu", "FALCON_DTYPE": "float32",
+                                 "FALCON_MAX_BATCH_SIZE": "2", "FALCON_MAX_BATCH_TOKENS": "4096"}).engine_options()
+    assert options.attention == "varlen" and Settings.from_env({}).engine_options().attention == "split"
+    monkeypatch.setattr(varlen_attention, "available", lambda: False)
+    with pytest.raises(ValueError, match="Triton"):
+        load_engine(tiny_checkpoint, options)
+    monkeypatch.setattr(varlen_attention, "available", lambda: True)  # (the kernel is built at its first call)
+    engine = load_engine(tiny_checkpoint, options)
+    try:
+        assert engine._runner.attention == "varlen"
+    finally:
+        engine.shutdown()
