@@ -14,6 +14,10 @@ import pytest
 from falcon_service.checkpoints import build_random_checkpoint
 
 TEST_DEVICE = os.environ.get("FALCON_TEST_DEVICE", "cpu")
+if TEST_DEVICE == "cpu":
+    # Triton has no CPU backend: its kernels (engine/varlen_attention.py) run under its interpreter here. Set
+    # before anything imports Triton (torch's compiler does), or the interpreter meets kernels built for a GPU.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")
