@@ -341,7 +341,8 @@ def report(check: Check) -> str:
         f"copy bandwidth {fmt((bandwidth or 0) / 1e12, 2, ' TB/s')} (read + written); "
         f"roofline {fmt(roofline, 1, ' tok/s')} for one stream.",
         "",
-        f"Decode step (CUDA graph, width 128): {model.get('decode_step_ms')} ms by batch size. "
+        f"Decode step (CUDA graph, width 128): {model.get('decode_step_ms')} ms by batch size; with the small ops "
+        f"fused (FALCON_FUSED_OPS): {model.get('decode_step_ms_fused')}. "
         f"Attention kernels: {model.get('attention')}.",
         "",
     ]
@@ -395,7 +396,8 @@ def report(check: Check) -> str:
                      f">= 12,000 / <= 500 ms / 0 | {'yes' if ok and not most.get('errors') else 'no'} |")
     for key, logits_key, name in (
             ("mixed_step", "mixed_step_logits", "split attention"),
-            ("mixed_step_varlen", "mixed_step_logits_varlen", "one Triton attention kernel, FALCON_ATTENTION=varlen")):
+            ("mixed_step_varlen", "mixed_step_logits_varlen", "one Triton attention kernel, FALCON_ATTENTION=varlen"),
+            ("mixed_step_fused", "mixed_step_logits_fused", "split attention, small ops fused, FALCON_FUSED_OPS")):
         mixed, logits = model.get(key) or {}, model.get(logits_key) or {}
         if mixed.get("ratio") is not None:
             met = "yes" if mixed["ratio"] <= TARGET_MIXED_VS_DECODE else "no"
@@ -405,6 +407,15 @@ def report(check: Check) -> str:
                          f"{fmt(logits.get('rel_l2'), 4)} | <= 1.3x | {met} |")
         elif mixed.get("error"):
             lines.append(f"| mixed step ({name}) | failed: {mixed['error'][:120]} | | <= 1.3x | no |")
+    eager_steps, fused_steps = model.get("decode_step_ms") or {}, model.get("decode_step_ms_fused") or {}
+    for rows in ("1", "64"):
+        if rows in eager_steps and rows in fused_steps:
+            lines.append(f"| decode step of {rows} row(s), small ops fused (FALCON_FUSED_OPS) | "
+                         f"{fmt(fused_steps[rows], 3, ' ms')} | eager ops {fmt(eager_steps[rows], 3, ' ms')} "
+                         f"({fused_steps[rows] / eager_steps[rows]:.2f}x) | < 1x pays | "
+                         f"{'yes' if fused_steps[rows] < eager_steps[rows] else 'no'} |")
+    if fused_steps.get("error"):
+        lines.append(f"| decode step, small ops fused | failed: {fused_steps['error'][:120]} | | < 1x pays | no |")
     mixed_logits = model.get("mixed_step_logits") or {}
     if mixed_logits.get("rel_l2") is not None:
         lines.append(f"| logits of a mixed step ({mixed_logits['decoding']} decode rows + a prompt), rel. L2 vs "

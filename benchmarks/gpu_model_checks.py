@@ -131,12 +131,12 @@ def attention_fast_paths(model) -> dict:
     return result
 
 
-def decoding_batch(model, batch_rows: int, decoding: int, attention: str = "split"
+def decoding_batch(model, batch_rows: int, decoding: int, attention: str = "split", fused_ops: bool = False
                    ) -> tuple[FalconRunner, RunningBatch]:
     """A batch of `batch_rows` rows (CUDA graphs on a GPU: decode steps whole, steps that prefill in pieces)
     with `decoding` rows of 32-token prompts, warmed up by three decode steps, the device idle."""
     runner = FalconRunner(model, batch_rows=batch_rows, max_len=model.config.max_position_embeddings,
-                          attention=attention)
+                          attention=attention, fused_ops=fused_ops)
     graphs = step_graphs = None
     if runner.device.type == "cuda":
         graphs, step_graphs = DecodeGraphs(runner), StepGraphs(runner, batch_rows + 512)
@@ -149,11 +149,12 @@ def decoding_batch(model, batch_rows: int, decoding: int, attention: str = "spli
     return runner, batch
 
 
-def mixed_step(model, decoding: int = 64, prompt: int = 32, repeats: int = 7, attention: str = "split") -> dict:
+def mixed_step(model, decoding: int = 64, prompt: int = 32, repeats: int = 7, attention: str = "split",
+               fused_ops: bool = False) -> dict:
     """A step that decodes `decoding` rows and prefills one `prompt`-token prompt, against a pure decode step of
     the same rows (median wall times; on a GPU the decode step replays its graph, the mixed step the pieces of
     its token bucket with attention between them: `attention`'s kernels)."""
-    runner, batch = decoding_batch(model, decoding + 1, decoding, attention)
+    runner, batch = decoding_batch(model, decoding + 1, decoding, attention, fused_ops)
 
     def timed(step) -> float:
         times = []
@@ -171,11 +172,11 @@ def mixed_step(model, decoding: int = 64, prompt: int = 32, repeats: int = 7, at
         batch.free([20_000 + i])
 
     decode_ms, mixed_ms = timed(lambda _: batch.run(True)), timed(mixed)
-    return {"decoding": decoding, "prompt": prompt, "attention": attention, "decode_ms": decode_ms,
-            "mixed_ms": mixed_ms, "ratio": mixed_ms / decode_ms}
+    return {"decoding": decoding, "prompt": prompt, "attention": attention, "fused_ops": fused_ops,
+            "decode_ms": decode_ms, "mixed_ms": mixed_ms, "ratio": mixed_ms / decode_ms}
 
 
-def mixed_step_logits(model, decoding: int = 64, attention: str = "split") -> dict:
+def mixed_step_logits(model, decoding: int = 64, attention: str = "split", fused_ops: bool = False) -> dict:
     """The logits of a mixed step (every row decoding a teacher-forced token, and a new 32-token prompt) through
     the serving path (graphs on a GPU; `attention`'s kernels), against transformers' forward of each sequence."""
     generator = torch.Generator().manual_seed(1)
@@ -183,7 +184,7 @@ def mixed_step_logits(model, decoding: int = 64, attention: str = "split") -> di
     rows = torch.randint(0, vocab, (decoding, PROMPT + 4), generator=generator).tolist()
     fresh = torch.randint(0, vocab, (PROMPT,), generator=generator).tolist()
     runner = FalconRunner(model, batch_rows=decoding + 1, max_len=model.config.max_position_embeddings,
-                          attention=attention)
+                          attention=attention, fused_ops=fused_ops)
     graphs = step_graphs = None
     if runner.device.type == "cuda":
         graphs, step_graphs = DecodeGraphs(runner), StepGraphs(runner, decoding + 1 + 512)
@@ -197,14 +198,15 @@ def mixed_step_logits(model, decoding: int = 64, attention: str = "split") -> di
     with torch.inference_mode():
         theirs = torch.cat([model(torch.tensor(rows, device=runner.device)).logits[:, -1],
                             model(torch.tensor([fresh], device=runner.device)).logits[:, -1]]).float()
-    return {"decoding": decoding, "attention": attention, **compare(ours, theirs)}
+    return {"decoding": decoding, "attention": attention, "fused_ops": fused_ops, **compare(ours, theirs)}
 
 
-def decode_step_times(model, batch_sizes: tuple[int, ...] = (1, 64), steps: int = 50) -> dict:
+def decode_step_times(model, batch_sizes: tuple[int, ...] = (1, 64), steps: int = 50, fused_ops: bool = False
+                      ) -> dict:
     """Milliseconds per decode step (CUDA graph replay, width bucket 128), the engine's floor per token."""
     times = {}
     for batch_size in batch_sizes:
-        runner, batch = decoding_batch(model, batch_size, batch_size)
+        runner, batch = decoding_batch(model, batch_size, batch_size, fused_ops=fused_ops)
         start = time.perf_counter()
         for _ in range(steps):
             batch.run(True)
@@ -284,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peer-tokens", type=int, default=64)
     p.add_argument("--no-compile", action="store_true", help="the peer without torch.compile")
     p.add_argument("--skip-float32", action="store_true", help="no float32 reference (it needs 2x the memory)")
+    p.add_argument("--skip-fused", action="store_true", help="no measurement of the fused small ops")
     p.add_argument("--skip-peer", action="store_true", help="no transformers peer (the GPU check runs it apart)")
     p.add_argument("--only-peer", action="store_true", help="the transformers peer alone (a process of its own)")
     a = p.parse_args(argv)
@@ -377,6 +380,18 @@ def main(argv: list[str] | None = None) -> int:
     report["tolerance"] = {"rel_l2_vs_transformers_bf16": REL_L2_VS_TRANSFORMERS,
                            "max_ratio_of_float32_errors": RATIO_VS_FLOAT32}
     save()
+    # the small ops fused by torch.compile (FALCON_FUSED_OPS): last, since compiling takes a while and this phase
+    # has a time limit; each figure is saved as it comes
+    if not a.skip_fused:
+        for name, check in (("decode_step_ms_fused", lambda: decode_step_times(model, fused_ops=True)),
+                            ("mixed_step_fused", lambda: mixed_step(model, fused_ops=True)),
+                            ("mixed_step_logits_fused", lambda: mixed_step_logits(model, 64, fused_ops=True))):
+            try:
+                report[name] = check()
+            except Exception as exc:
+                report[name] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+            print(f"{name}: {report[name]}", flush=True)
+            save()
     if not a.skip_peer:
         report["peer"] = transformers_generate_peer(model, stored[min(stored)][0], a.peer_tokens, not a.no_compile)
         print(f"peer: {report['peer']}", flush=True)

@@ -70,6 +70,11 @@ class Settings(BaseModel):
         ENGINE.attention,  # type: ignore[arg-type]
         description="a step's attention: `split` (SDPA's kernels, decode rows and prompt segments apart) or `varlen` "
         "(one Triton kernel for all of a step's tokens; GPU only, measured by scripts/gpu_check.sh)")
+    fused_ops: bool = Field(
+        ENGINE.fused_ops,
+        description="compile a layer's small ops (rotary positions; the residual adds with the next layer norm) "
+        "into one kernel each with torch.compile (Triton on a GPU; needs a C++ compiler on a CPU): 4 kernel "
+        "launches a layer fewer; the first steps of each shape compile (seconds); measured by scripts/gpu_check.sh")
     api_key: str | None = Field(
         None, description="when set, requests need `Authorization: Bearer <key>` (see api_key_scope); several keys "
         "separated by commas: each is a tenant whose prompts share cached prefixes only with its own"

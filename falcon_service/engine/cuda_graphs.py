@@ -143,8 +143,8 @@ class DecodeGraphs(_Graphs):
 
 
 class StepGraphs(_Graphs):
-    """Steps that prefill, replayed by token-count bucket: everything between two attention calls (layer norm,
-    the projections, rotary positions, the writes of keys and values, the MLP, the residuals) captured once per
+    """Steps that prefill, replayed by token-count bucket: everything between two attention calls (the MLP, the
+    residuals, the next layer norm, the projections, rotary positions, the writes of keys and values) captured once per
     bucket as a piece; the attention calls, whose shapes follow the step's prompts, run between the pieces as
     they come.
 
@@ -196,10 +196,8 @@ class StepGraphs(_Graphs):
         cos, signed_sin = self.cos[:tokens], self.signed_sin[:tokens]
         positions, rows = self.positions[:tokens], self.rows[:tokens]
 
-        def project(layer: int) -> None:  # the layer's input normed, projected, positioned, its keys written
-            normed, qkv = runner.pre_attention(layer, x)
-            h.copy_(normed)
-            got = runner.rotate_and_write(layer, qkv, cos, signed_sin, rows, positions)
+        def project(layer: int) -> None:  # the layer's normed input projected, positioned, its keys written
+            got = runner.rotate_and_write(layer, runner.qkv(layer, h), cos, signed_sin, rows, positions)
             for buffer, value in zip((q, k, v), got, strict=True):
                 buffer.copy_(value)
 
@@ -207,12 +205,15 @@ class StepGraphs(_Graphs):
             x.copy_(torch.nn.functional.embedding(self.ids[:tokens], runner.embed))
             cos.copy_(runner.cos[positions].unsqueeze(1))
             signed_sin.copy_(runner.signed_sin[positions].unsqueeze(1))
+            h.copy_(runner.norm(0, x))
             project(0)
 
         def between(layer: int) -> Step:  # after the attention of `layer`, up to the next one's
             def piece() -> None:
-                x.copy_(runner.post_attention(layer, x, h, attn))
-                if layer + 1 < layers:
+                out, normed = runner.post_attention(layer, x, h, attn)
+                x.copy_(out)
+                if normed is not None:
+                    h.copy_(normed)
                     project(layer + 1)
             return piece
 

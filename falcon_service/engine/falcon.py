@@ -88,6 +88,30 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torc
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), signed_sin)
 
 
+def split_and_rotate(qkv: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, heads: int, dim: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A flat batch's fused projection (T, (H + 2) * D) as queries (T, H, D), its one key and its value (T, D),
+    the queries and the key with rotary positions (`cos`, `signed_sin`: (T, 1, D))."""
+    qkv = qkv.view(-1, heads + 2, dim)
+    qk = rotary(qkv[:, : heads + 1], cos, signed_sin)  # the queries and the one key get their positions together
+    return qk[:, :heads], qk[:, heads], qkv[:, heads + 1]
+
+
+def residual_and_norm(mlp: torch.Tensor, attn: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                      bias: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's output (its input `x` plus its attention's projection and its MLP: Falcon's parallel block) and
+    the next layer's normed input."""
+    x = (mlp + attn) + x
+    return x, F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def fuse(fn: Callable) -> Callable:
+    """`fn`'s small ops as one kernel each output, by torch.compile (Triton on a GPU, C++ on a CPU): the first call
+    at a new shape compiles (a second shape makes the token count dynamic, so a few compiles serve every bucket);
+    a CUDA graph captures what it launches like any kernel (the warm-up runs before a capture compile)."""
+    return torch.compile(fn, fullgraph=True)
+
+
 @dataclass(frozen=True)
 class _Layer:
     ln_weight: torch.Tensor
@@ -134,15 +158,22 @@ class FalconRunner:
 
     `attention`: how a step's attention runs (`StepBatch.attend`): "split" (decode rows and prompt segments
     apart, SDPA's kernels) or "varlen" (one Triton kernel for all of a step's tokens: varlen_attention.py).
+
+    `fused_ops`: a layer's small ops in fewer kernels (`fuse`): rotary positions of the queries and the key in one
+    (three eagerly), the two residual adds with the next layer's LayerNorm in one (three eagerly); 4 launches a
+    layer fewer, 128 a Falcon-7B step. The linears, GELU, attention and the KV writes stay as they are.
     """
 
     def __init__(self, model: PreTrainedModel, batch_rows: int, max_len: int, release_weights: bool = False,
-                 pool_rows: int | None = None, attention: Attention = "split") -> None:
+                 pool_rows: int | None = None, attention: Attention = "split", fused_ops: bool = False) -> None:
         cfg = model.config
         check_architecture(cfg)
         if attention == "varlen" and not varlen_attention.available():
             raise ValueError("attention 'varlen' needs Triton (a GPU's torch has it)")
         self.attention = attention
+        self.fused_ops = fused_ops
+        self._split_and_rotate = fuse(split_and_rotate) if fused_ops else split_and_rotate
+        self._residual_and_norm = fuse(residual_and_norm) if fused_ops else residual_and_norm
         self.max_len = max_len
         self.num_heads = cfg.num_attention_heads
         self.head_dim = cfg.hidden_size // cfg.num_attention_heads
@@ -196,11 +227,6 @@ class FalconRunner:
     def values(self) -> torch.Tensor:
         return self.cache.values
 
-    @staticmethod
-    def _mlp_and_residual(x: torch.Tensor, h: torch.Tensor, attn: torch.Tensor, w: _Layer) -> torch.Tensor:
-        mlp = w.four_h_to_h(F.gelu(w.h_to_4h(h)))
-        return (mlp + attn) + x
-
     def decode(self, count: int, width: int, shared: SharedPrefix | None = None) -> torch.Tensor:
         """One new token for each of rows 0..count-1 (from the decode buffers), attending over `width`
         positions; returns next-token logits (count, vocab). With `shared`, those rows attend to their
@@ -229,10 +255,11 @@ class FalconRunner:
         decode rows, then of each segment's last token."""
         prefill = batch.prefill
         x = F.embedding(batch.ids, self.embed)
+        h: torch.Tensor | None = self.norm(0, x)
         last_layer = len(self.layers) - 1
         for layer in range(len(self.layers)):
-            h, qkv = self.pre_attention(layer, x)
-            q, k, v = batch.project(layer, qkv)
+            assert h is not None
+            q, k, v = batch.project(layer, self.qkv(layer, h))
             if prefill is not None and layer == last_layer:
                 # the last layer's output is wanted only where logits are: each chunk's last token (and
                 # every decode row); the chunk's other tokens need only their keys and values written
@@ -240,34 +267,41 @@ class FalconRunner:
                 x, h = prefill.pick_last(x, batch.count), prefill.pick_last(h, batch.count)
             else:
                 attn = batch.attend(layer, q, k, v)
-            x = self.post_attention(layer, x, h, attn)
+            x, h = self.post_attention(layer, x, h, attn)
         # x holds the decode rows, then each chunk's last token
         return self.logits(x)
 
     # the forward in pieces between the attention calls (cuda_graphs.StepGraphs captures them per token count)
 
-    def pre_attention(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """A layer's normed input and its queries, key and value (before rotary positions)."""
+    def norm(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """A layer's normed input (the first layer's; the others' come with the layer before: `post_attention`)."""
         w = self.layers[layer]
-        h = F.layer_norm(x, (self.hidden,), w.ln_weight, w.ln_bias, self.eps)
-        return h, w.qkv(h)
+        return F.layer_norm(x, (self.hidden,), w.ln_weight, w.ln_bias, self.eps)
+
+    def qkv(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        """A layer's queries, key and value (before rotary positions) of its normed input."""
+        return self.layers[layer].qkv(h)
 
     def rotate_and_write(self, layer: int, qkv: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor,
                          rows: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Each token's queries and its one key with rotary positions (`cos`, `signed_sin`: (T, 1, D)), the key and
         value written to the cache at (`rows`, `positions`); returns q (T, H, D), k and v (T, D)."""
-        heads = self.num_heads
-        qkv = qkv.view(-1, heads + 2, self.head_dim)
-        qk = rotary(qkv[:, : heads + 1], cos, signed_sin)  # the queries and the one key get their positions together
-        q, k, v = qk[:, :heads], qk[:, heads], qkv[:, heads + 1]
+        q, k, v = self._split_and_rotate(qkv, cos, signed_sin, self.num_heads, self.head_dim)
         self.keys[layer].index_put_((rows, positions), k)
         self.values[layer].index_put_((rows, positions), v)
         return q, k, v
 
-    def post_attention(self, layer: int, x: torch.Tensor, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-        """The layer's output: its input, plus the attention's projection and the MLP of the normed input."""
+    def post_attention(self, layer: int, x: torch.Tensor, h: torch.Tensor, attn: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The layer's output (its input, plus the attention's projection and the MLP of its normed input `h`), and
+        the next layer's normed input (None after the last layer)."""
         w = self.layers[layer]
-        return self._mlp_and_residual(x, h, w.dense(attn), w)
+        dense = w.dense(attn)
+        mlp = w.four_h_to_h(F.gelu(w.h_to_4h(h)))
+        if layer + 1 == len(self.layers):
+            return (mlp + dense) + x, None
+        following = self.layers[layer + 1]
+        return self._residual_and_norm(mlp, dense, x, following.ln_weight, following.ln_bias, self.eps)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.lm_head(F.layer_norm(x, (self.hidden,), self.ln_f[0], self.ln_f[1], self.eps))

@@ -239,7 +239,8 @@ def load_engine(path: str | Path, options: EngineOptions, observer=None):
     limits = BatchLimits(batch_size, budget, prefill_tokens, options.max_queue_size, idle_tokens)
     threads = options.torch_threads or len(os.sched_getaffinity(0))
     engine = Engine(model, tokenizer, limits, observer=observer,
-                    runner_factory=partial(FalconRunner, release_weights=True, attention=options.attention),
+                    runner_factory=partial(FalconRunner, release_weights=True, attention=options.attention,
+                                           fused_ops=options.fused_ops),
                     threads=threads if device == "cpu" else None, cuda_graphs=options.cuda_graphs and device == "cuda",
                     prefix_caching=options.prefix_caching,
                     grammar_limits=GrammarLimits(compile_seconds=options.grammar_compile_seconds,

@@ -57,3 +57,6 @@ class EngineOptions:
     # a step's attention: "split" (SDPA's kernels for decode rows and prompt segments apart) or "varlen" (one
     # Triton kernel for all of a step's tokens, a GPU's; chosen by the GPU check's measurement, not yet made)
     attention: str = "split"
+    # a layer's small ops (rotary; the residual adds with the next layer norm) compiled into fewer kernels
+    # (`FalconRunner(fused_ops=True)`): off until the GPU check's measurement says it pays
+    fused_ops: bool = False

@@ -386,3 +386,38 @@ def test_every_token_bucket_replays_a_mixed_step_as_the_eager_forward_computes_i
         got = graphs.forward(StepBatch(runner, 2, 4, None, [Segment(2, 0, prompt)]))
         torch.testing.assert_close(got, want, atol=ATOL, rtol=0, msg=f"{tokens} tokens")
     assert graphs.captured == {b for b in buckets if b >= 3}
+
+
+def test_fused_small_ops_compute_what_the_eager_ops_compute(tiny_model, texts):
+    """`fused_ops`: rotary positions, and the residual adds with the next layer norm, compiled into one kernel each
+    (C++ here, Triton on a GPU): prefill, decode and mixed steps, eager and replayed in the pieces of their token
+    bucket, give the eager ops' logits and cache."""
+    import torch._dynamo.utils
+
+    from falcon_service.engine.cuda_graphs import StepGraphs
+    from falcon_service.engine.falcon import Segment, StepBatch
+
+    compiled_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    eager, fused = (FalconRunner(tiny_model, batch_rows=6, max_len=128, fused_ops=f) for f in (False, True))
+    pieces = StepGraphs(fused, max_tokens=64, capture=lambda piece: piece)
+    for run in (lambda r: r.forward, lambda r: r.forward if r is eager else pieces.forward):
+        steps = [
+            lambda r: StepBatch(r, segments=[Segment(0, 0, texts[0]), Segment(1, 0, texts[3])]),
+            lambda r: StepBatch(r, segments=[Segment(2, 0, texts[1][:5])]),
+            lambda r: StepBatch(r, 2, 16, None, [Segment(2, 5, texts[1][5:]), Segment(3, 0, texts[2])]),
+            lambda r: StepBatch(r, 4, 32),
+        ]
+        for r in (eager, fused):
+            r.cache.keys.zero_()
+            r.cache.values.zero_()
+        for i, make in enumerate(steps):
+            for r in (eager, fused):
+                r.lengths[:4] = torch.tensor([len(texts[0]), len(texts[3]), len(texts[1]), len(texts[2])])
+                r.write_rows[:4] = torch.arange(4)
+                r.tokens[:4] = torch.tensor([11, 12, 13, 14])
+            want, got = eager.forward(make(eager)), run(fused)(make(fused))
+            torch.testing.assert_close(got, want, atol=ATOL, rtol=0, msg=f"step {i}")
+        real = [row for row in range(fused.cache.rows) if row != fused.cache.scratch_row]  # padding writes there
+        torch.testing.assert_close(fused.keys[:, real], eager.keys[:, real], atol=1e-5, rtol=0)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > compiled_before, "nothing was compiled"
+    assert pieces.captured

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from falcon_service.engine.engine import (
     RequestStream,
     SamplingParams,
 )
+from falcon_service.engine.falcon import FalconRunner
 from falcon_service.engine.scheduler import BatchLimits
 
 STREAM_TIMEOUT = 60.0  # a bound on waiting for events, never a speed assertion
@@ -161,12 +163,17 @@ async def test_greedy_matches_generate(make_engine, tiny_model, tiny_tokenizer, 
         assert engine.step_graphs is not None and engine.step_graphs.captured  # the prefills, by token count
 
 
-async def test_mixed_steps_through_token_buckets_match_generate(make_engine, tiny_model, tiny_tokenizer, prompts):
+@pytest.mark.parametrize("fused_ops", [False, True], ids=["eager-ops", "fused-ops"])
+async def test_mixed_steps_through_token_buckets_match_generate(make_engine, tiny_model, tiny_tokenizer, prompts,
+                                                                 fused_ops):
     """Steps that decode and prefill at once (prompts arriving while others decode, a long one in chunks beside
-    them) replayed through the captured pieces of their token-count bucket: greedy equals `generate`."""
+    them) replayed through the captured pieces of their token-count bucket, and decode steps through their graphs'
+    buckets, with the small ops eager or fused (`FalconRunner(fused_ops=True)`): greedy equals `generate`."""
     replays: list[int] = []
     limits = BatchLimits(max_batch_size=8, max_batch_tokens=8 * 2048, max_prefill_tokens=24, max_queue_size=16)
-    engine = make_engine(tiny_model, limits, graph_capture=replaying_capture(replays))
+    engine = make_engine(tiny_model, limits, graph_capture=replaying_capture(replays),
+                         runner_factory=partial(FalconRunner, fused_ops=fused_ops))
+    assert engine._runner.fused_ops is fused_ops
     long_prompt = tiny_tokenizer.encode(" ".join(TEXTS), add_special_tokens=False)
     assert len(long_prompt) > 3 * 24
     requests = [(prompts[3], 16), (prompts[1], 12), (long_prompt, 6), (prompts[4], 10), (prompts[0], 9)]

@@ -195,3 +195,17 @@ def test_the_attention_setting_reaches_the_runner_and_varlen_needs_triton(tiny_c
         assert engine._runner.attention == "varlen"
     finally:
         engine.shutdown()
+
+
+def test_the_fused_ops_setting_reaches_the_runner(tiny_checkpoint):
+    from falcon_service.config import Settings
+    from falcon_service.engine.loader import load_engine
+
+    env = {"FALCON_DEVICE": "cpu", "FALCON_DTYPE": "float32", "FALCON_MAX_BATCH_SIZE": "2",
+           "FALCON_MAX_BATCH_TOKENS": "4096"}
+    assert Settings.from_env(env).engine_options().fused_ops is False
+    engine = load_engine(tiny_checkpoint, Settings.from_env({**env, "FALCON_FUSED_OPS": "true"}).engine_options())
+    try:
+        assert engine._runner.fused_ops is True
+    finally:
+        engine.shutdown()
