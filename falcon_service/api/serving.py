@@ -68,9 +68,22 @@ log = logging.getLogger(__name__)
 DONE = "data: [DONE]\n\n"
 
 
+# Characters that JSON leaves raw but that many line readers take for line ends (Python's `str.splitlines`, and
+# so httpx's `aiter_lines`): in an SSE line they would cut the event in two. JSON's \\u escapes mean the same.
+_LINE_BREAKERS = {"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+_LINE_BREAKING = str.maketrans(_LINE_BREAKERS)
+
+
+def one_line(json_text: str) -> str:
+    """`json_text` with the characters that break lines for some readers escaped (the same JSON value)."""
+    if any(c in json_text for c in _LINE_BREAKERS):
+        return json_text.translate(_LINE_BREAKING)
+    return json_text
+
+
 def sse(payload: BaseModel, exclude: set[str] | None = None) -> str:
     """One server-sent event line carrying a JSON payload."""
-    return f"data: {payload.model_dump_json(exclude=exclude)}\n\n"
+    return f"data: {one_line(payload.model_dump_json(exclude=exclude))}\n\n"
 
 
 def chunk_exclude(include_usage: bool) -> set[str]:
@@ -106,7 +119,7 @@ def cache_salt(body: OpenAIRequest, tenant: str | None) -> str | None:
 
 
 def _json(value: str) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return one_line(json.dumps(value, ensure_ascii=False, separators=(",", ":")))
 
 
 @dataclass
