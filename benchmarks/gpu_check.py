@@ -237,7 +237,8 @@ async def _in_process_load(path: str, levels: list[tuple[int, int]], max_tokens:
     return results
 
 
-def phase_serve(check: Check, env: dict, tag: str, path: str, levels: list[tuple[int, int]], timeout: float) -> None:
+def phase_serve(check: Check, env: dict, tag: str, path: str, levels: list[tuple[int, int]], timeout: float,
+                settings: dict[str, str] | None = None) -> None:
     """`bentoml serve` and the streaming load, or the engine in process if BentoML cannot be imported."""
     import stream_client
 
@@ -251,13 +252,14 @@ def phase_serve(check: Check, env: dict, tag: str, path: str, levels: list[tuple
         check.phase("serve", levels=result, status="ok", seconds=round(time.perf_counter() - start, 1))
         return
     port = free_port()
-    serve_env = {**env, "FALCON_MODEL": tag, "FALCON_LOG_LEVEL": "INFO"}  # the batch size: the GPU's default
+    # the batch size: the GPU's default; `settings`: FALCON_* of the run (--serve-env), in the report
+    serve_env = {**env, "FALCON_MODEL": tag, "FALCON_LOG_LEVEL": "INFO", **(settings or {})}
     log = (check.out / "serve.log").open("a")
     cmd = [sys.executable, "-m", "bentoml", "serve", "service:FalconService", "--port", str(port)]
     check.note(f"serve: {' '.join(cmd)}")
     server = subprocess.Popen(cmd, cwd=REPO, env=serve_env, stdout=log, stderr=subprocess.STDOUT,
                               start_new_session=True)
-    check.phase("serve", via="bentoml serve", port=port)
+    check.phase("serve", via="bentoml serve", port=port, settings=settings or {})
     try:
         import httpx
 
@@ -326,7 +328,8 @@ def report(check: Check) -> str:
         f"# GPU check, {check.data['started']}",
         "",
         f"Device: {model.get('gpu') or model.get('device', '?')}, torch {model.get('torch', '?')}. "
-        f"Service measured through {serve.get('via', '?')}.",
+        f"Service measured through {serve.get('via', '?')}"
+        f"{' with ' + ', '.join(f'{k}={v}' for k, v in serve['settings'].items()) if serve.get('settings') else ''}.",
         "",
         "| phase | status | seconds |",
         "|---|---|---:|",
@@ -450,6 +453,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip", default="", help="comma-separated phases to skip: tests,build,model,peer,serve")
     p.add_argument("--levels", default="1:8,16:64,64:256,256:512", help="streams:requests per load level")
     p.add_argument("--no-compile", action="store_true", help="the transformers peer without torch.compile")
+    p.add_argument("--serve-env", action="append", default=[], metavar="FALCON_X=VALUE",
+                   help="a setting of the served engine (repeatable), e.g. FALCON_ENGINE_PROCESS=true")
     p.add_argument("--limits", default="tests:80,build:70,model:140,peer:90,serve:190",
                    help="seconds per phase (the default fits one 600-second call of the device tool)")
     a = p.parse_args(argv)
@@ -481,7 +486,8 @@ def main(argv: list[str] | None = None) -> int:
             phase_peer(check, env, path, device, limits["peer"], not a.no_compile)
         if path and "serve" not in skip:
             tag = check.data["phases"]["build"]["tag"]
-            phase_serve(check, env, tag, path, levels, limits["serve"])
+            settings = dict(item.split("=", 1) for item in a.serve_env)
+            phase_serve(check, env, tag, path, levels, limits["serve"], settings)
     finally:
         table = report(check)
         (out / "gpu_check.md").write_text(table)

@@ -70,6 +70,10 @@ class Settings(BaseModel):
         ENGINE.attention,  # type: ignore[arg-type]
         description="a step's attention: `split` (SDPA's kernels, decode rows and prompt segments apart) or `varlen` "
         "(one Triton kernel for all of a step's tokens; GPU only, measured by scripts/gpu_check.sh)")
+    engine_process: bool = Field(
+        ENGINE.engine_process,
+        description="run the engine core (the model, the scheduler, the step loop) in a child process of its own, so "
+        "that HTTP and SSE work does not take the GIL from the loop that feeds the GPU; a dead child fails liveness")
     fused_ops: bool = Field(
         ENGINE.fused_ops,
         description="compile a layer's small ops (rotary positions; the residual adds with the next layer norm) "

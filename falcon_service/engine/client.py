@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .engine import Engine
 from .grammar import Grammar
@@ -22,13 +22,16 @@ from .options import EngineOptions
 from .request import EngineObserver, GenerationRequest
 from .stream import RequestStream
 
+if TYPE_CHECKING:
+    from .process import EngineProcess
+
 ChatTemplate = Callable[[list[dict[str, Any]]], str]  # messages -> the prompt, up to the reply's start
 
 
 class EngineClient:
     """What callers hold of a running engine (`EngineClient.start` loads one)."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine | EngineProcess) -> None:
         self._engine = engine
         self._tokenizer = engine.tokenizer
         self._token_chars: int | None = None
@@ -37,6 +40,10 @@ class EngineClient:
     def start(cls, path: str | Path, options: EngineOptions, observer: EngineObserver | None = None) -> EngineClient:
         """Check, load and start the engine over the checkpoint at `path` (minutes for Falcon-7B: call it off
         the event loop); raises saying why it cannot (memory, device)."""
+        if options.engine_process:
+            from .process import EngineProcess
+
+            return cls(EngineProcess.start(path, options, observer))
         from .loader import load_engine
 
         return cls(load_engine(path, options, observer=observer))

@@ -56,6 +56,42 @@ log = logging.getLogger(__name__)
 RunnerFactory = Callable[[PreTrainedModel, int, int], FalconRunner]
 
 
+def check_request(request: GenerationRequest, max_model_len: int, max_batch_size: int) -> None:
+    """Raise `InvalidRequest` for what the engine cannot serve: an empty prompt, one that with its `max_tokens`
+    passes the context, more choices than the batch holds."""
+    if not request.prompt_ids:
+        raise InvalidRequest("the prompt is empty", param="prompt")
+    if len(request.prompt_ids) + request.params.max_tokens > max_model_len:
+        raise InvalidRequest("prompt plus max_tokens exceeds the model's context length", param="max_tokens",
+                             code="context_length_exceeded")
+    if request.n > max_batch_size:
+        raise InvalidRequest(f"n={request.n} is more than the {max_batch_size} sequences "
+                             "this server decodes at once", param="n")
+
+
+@dataclass(frozen=True)
+class Liveness:
+    """The step loop's vital signs: whether it runs (or is stopping on purpose), the steps failed in a row,
+    whether it has work, and seconds since it last finished a step (or got work after an idle spell)."""
+
+    running: bool
+    failed_steps: int
+    working: bool
+    since_step: float
+
+
+def judge_liveness(signs: Liveness, stall_seconds: float, max_failed_steps: int = 3) -> tuple[bool, str]:
+    """Alive unless the step loop has ended, has had work and finished no step for `stall_seconds` (a hung
+    kernel, a deadlock), or failed `max_failed_steps` steps in a row (a broken device: every step fails)."""
+    if not signs.running:
+        return False, "the engine's step loop has ended"
+    if signs.failed_steps >= max_failed_steps:
+        return False, f"{signs.failed_steps} generation steps failed in a row"
+    if signs.working and signs.since_step > stall_seconds:
+        return False, f"the engine has had work and finished no step for {signs.since_step:.0f} s"
+    return True, "ok"
+
+
 @dataclass
 class _Launched:
     """Tokens sampled for these sequences (in row order), on their way to the host."""
@@ -134,24 +170,21 @@ class Engine:
 
     def submit(self, request: GenerationRequest) -> RequestStream:
         """Queue a request and return its stream; raises `QueueFullError` when the queue is full."""
-        if not request.prompt_ids:
-            raise InvalidRequest("the prompt is empty", param="prompt")
-        if len(request.prompt_ids) + request.params.max_tokens > self.max_model_len:
-            raise InvalidRequest("prompt plus max_tokens exceeds the model's context length", param="max_tokens",
-                                 code="context_length_exceeded")
-        if request.n > self.limits.max_batch_size:
-            raise InvalidRequest(f"n={request.n} is more than the {self.limits.max_batch_size} sequences "
-                                 "this server decodes at once", param="n")
+        check_request(request, self.max_model_len, self.limits.max_batch_size)
         stream = RequestStream(request, asyncio.get_running_loop(), self._abort, self.observer)
+        self.enqueue(stream)
+        return stream
+
+    def enqueue(self, stream: RequestStream) -> None:
+        """Queue a checked request's stream (made by the caller, whose events go where it says)."""
         with self._wake:
             try:
-                self.scheduler.add(stream, Demand(request.n, len(request.prompt_ids)))
+                self.scheduler.add(stream, Demand(stream.request.n, len(stream.request.prompt_ids)))
             except QueueFullError:
                 if self.observer is not None:
                     self.observer.on_rejected()
                 raise
             self._wake.notify()
-        return stream
 
     def _abort(self, stream: RequestStream) -> None:
         with self._wake:
@@ -168,17 +201,14 @@ class Engine:
         }
 
     def alive(self, stall_seconds: float = 60.0, max_failed_steps: int = 3) -> tuple[bool, str]:
-        """Whether the engine still makes progress, and why not: its step loop has ended, has had work and
-        finished no step for `stall_seconds` (a hung kernel, a deadlock), or failed `max_failed_steps` steps in a
-        row (a broken device: every step fails). An orchestrator restarts an engine that is not alive."""
-        if not self._thread.is_alive() and not self._stopping:
-            return False, "the engine's step loop has ended"
-        if self.failed_steps >= max_failed_steps:
-            return False, f"{self.failed_steps} generation steps failed in a row"
-        stalled = time.monotonic() - self._heartbeat
-        if self._working and stalled > stall_seconds:
-            return False, f"the engine has had work and finished no step for {stalled:.0f} s"
-        return True, "ok"
+        """Whether the engine still makes progress, and why not (`judge_liveness`). An orchestrator restarts an
+        engine that is not alive."""
+        return judge_liveness(self.liveness(), stall_seconds, max_failed_steps)
+
+    def liveness(self) -> Liveness:
+        """What liveness is judged on, now."""
+        return Liveness(self._thread.is_alive() or self._stopping, self.failed_steps, self._working,
+                        time.monotonic() - self._heartbeat)
 
     def shutdown(self, timeout: float = 10.0) -> None:
         with self._wake:

@@ -60,3 +60,6 @@ class EngineOptions:
     # a layer's small ops (rotary; the residual adds with the next layer norm) compiled into fewer kernels
     # (`FalconRunner(fused_ops=True)`): off until the GPU check's measurement says it pays
     fused_ops: bool = False
+    # the engine core (model, scheduler, step loop) in a child process of its own, its GIL its own
+    # (`process.EngineProcess`); off until the GPU check measures it
+    engine_process: bool = False
