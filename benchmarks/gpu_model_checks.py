@@ -354,15 +354,19 @@ def main(argv: list[str] | None = None) -> int:
         report["mixed_step"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
     print(f"mixed step: {report['mixed_step']}", flush=True)
     save()
-    if device.type == "cuda" and varlen_attention.available():  # the one-kernel attention, against the split one
-        for name, check in (("mixed_step_varlen", lambda: mixed_step(model, attention="varlen")),
-                            ("mixed_step_logits_varlen", lambda: mixed_step_logits(model, 64, attention="varlen"))):
+    def diagnoses(*named) -> None:
+        """Each (name, check) in turn: its figures or its error in the report, saved as it comes."""
+        for name, check in named:
             try:
                 report[name] = check()
             except Exception as exc:
                 report[name] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
             print(f"{name}: {report[name]}", flush=True)
             save()
+
+    if device.type == "cuda" and varlen_attention.available():  # the one-kernel attention, against the split one
+        diagnoses(("mixed_step_varlen", lambda: mixed_step(model, attention="varlen")),
+                  ("mixed_step_logits_varlen", lambda: mixed_step_logits(model, 64, attention="varlen")))
     # the float32 reference before the peer: on the first GPU run the compiled peer timed out once and
     # crashed (SIGSEGV in inductor) once, and took the correctness figures with it
     if not a.skip_float32:
@@ -383,15 +387,9 @@ def main(argv: list[str] | None = None) -> int:
     # the small ops fused by torch.compile (FALCON_FUSED_OPS): last, since compiling takes a while and this phase
     # has a time limit; each figure is saved as it comes
     if not a.skip_fused:
-        for name, check in (("decode_step_ms_fused", lambda: decode_step_times(model, fused_ops=True)),
-                            ("mixed_step_fused", lambda: mixed_step(model, fused_ops=True)),
-                            ("mixed_step_logits_fused", lambda: mixed_step_logits(model, 64, fused_ops=True))):
-            try:
-                report[name] = check()
-            except Exception as exc:
-                report[name] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
-            print(f"{name}: {report[name]}", flush=True)
-            save()
+        diagnoses(("decode_step_ms_fused", lambda: decode_step_times(model, fused_ops=True)),
+                  ("mixed_step_fused", lambda: mixed_step(model, fused_ops=True)),
+                  ("mixed_step_logits_fused", lambda: mixed_step_logits(model, 64, fused_ops=True)))
     if not a.skip_peer:
         report["peer"] = transformers_generate_peer(model, stored[min(stored)][0], a.peer_tokens, not a.no_compile)
         print(f"peer: {report['peer']}", flush=True)

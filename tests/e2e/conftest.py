@@ -64,6 +64,11 @@ def _stop(proc: subprocess.Popen) -> None:
     proc.wait(timeout=10)
 
 
+# `FALCON_TEST_SERVE_ENV="FALCON_X=1,FALCON_Y=2"`: settings for every server of the run (e.g. the whole e2e tier
+# with FALCON_ENGINE_PROCESS=true); a test's own settings come after them
+SERVE_ENV = dict(item.split("=", 1) for item in os.environ.get("FALCON_TEST_SERVE_ENV", "").split(",") if item)
+
+
 def _serve(home: Path, model: str, log_path: Path, target: str = "service:FalconService", env_extra: dict | None = None,
            **settings: str) -> Iterator[Served]:
     """Run `bentoml serve <target>` until the generator is closed; yield once /health is 200."""
@@ -76,6 +81,7 @@ def _serve(home: Path, model: str, log_path: Path, target: str = "service:Falcon
         (own_home / "models").symlink_to(home / "models", target_is_directory=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("FALCON_")}
     env.update(BENTOML_HOME=str(own_home), FALCON_MODEL=model, BENTOML_DO_NOT_TRACK="true", PYTHONUNBUFFERED="1")
+    env.update(SERVE_ENV)
     env.update({f"FALCON_{k.upper()}": v for k, v in settings.items()})
     env.update(env_extra or {})
     bentoml_cli = Path(sys.executable).with_name("bentoml")
