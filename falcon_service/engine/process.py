@@ -14,8 +14,9 @@ over a socket pair as pickles (`multiprocessing.connection`):
 
 - to the child: ("submit", id, request without its grammar, the grammar's spec), ("abort", id), ("shutdown",);
 - to the server: ("ready", limits) or ("failed", reason) once, then a step's events in one message
-  ("events", [(id, events or the error, cached prompt tokens)]), ("step", counts, when) for the metrics, the step
-  loop's vital signs and counts twice a second ("alive", `Liveness`, counts, when), and ("grammar_rejection",).
+  ("events", [(id, events or the error, cached prompt tokens)], the step loop's vital signs), ("step", counts,
+  when) for the metrics, the vital signs and counts twice a second ("alive", `Liveness`, counts, when), and
+  ("grammar_rejection",).
 
 A dead child (a crash, the OOM killer) closes the socket: every request in flight ends with an error at once and
 `alive` says so, so the pod's liveness probe fails and Kubernetes restarts it.
@@ -201,6 +202,8 @@ class EngineProcess:
                 break
             kind = message[0]
             if kind == "events":
+                if message[2] is not None:
+                    self._heard, self._signs = time.monotonic(), message[2]
                 self._deliver(message[1])
             elif kind == "step":
                 self._heard = time.monotonic()
@@ -257,13 +260,20 @@ class _Forwarder:
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
         self._lock = threading.Lock()
+        self.engine: Engine | None = None  # once loaded: its vital signs go with every event
 
     def send(self, message: tuple) -> None:
         with self._lock:
             self._conn.send(message)
 
+    def events(self, items: list) -> None:
+        """Events, with the step loop's vital signs as they are now: a step that failed is known to the server's
+        liveness before its requests' errors are."""
+        signs = self.engine.liveness() if self.engine is not None else None
+        self.send(("events", items, signs))
+
     def call_soon_threadsafe(self, _put_all, items: list) -> None:
-        self.send(("events", items))
+        self.events(items)
 
 
 class _ForwardedStream(RequestStream):
@@ -280,7 +290,7 @@ class _ForwardedStream(RequestStream):
         if self.ended:
             self._streams.pop(self.rid, None)
         if outbox is None:
-            self._forwarder.send(("events", [entry]))
+            self._forwarder.events([entry])
         else:
             outbox.setdefault(self._forwarder, []).append(entry)  # type: ignore[arg-type]
 
@@ -332,6 +342,7 @@ def child_main(fd: int) -> int:
         log.exception("loading the engine failed")
         forwarder.send(("failed", f"{type(exc).__name__}: {exc}"))
         return 3
+    forwarder.engine = engine
     forwarder.send(("ready", {"max_model_len": engine.max_model_len, "vocab_size": engine.vocab_size,
                               "limits": engine.limits}))
     stop = threading.Event()
@@ -354,8 +365,8 @@ def child_main(fd: int) -> int:
                     engine.enqueue(stream)
                 except Exception as exc:  # the queue full after all, a grammar that failed here: the request's error
                     streams.pop(rid, None)
-                    forwarder.send(("events", [(rid, exc if isinstance(exc, QueueFullError) else
-                                                EngineError("the engine could not take the request"), 0)]))
+                    forwarder.events([(rid, exc if isinstance(exc, QueueFullError) else
+                                       EngineError("the engine could not take the request"), 0)])
             elif message[0] == "abort":
                 stream = streams.get(message[1])
                 if stream is not None:

@@ -37,10 +37,15 @@ def wait_for(check, seconds: float) -> bool:
     return check()
 
 
-def test_steps_failing_in_a_row_or_a_hung_step_fail_liveness(make_server, tmp_path):
+@pytest.mark.parametrize("engine_process", ["false", "true"], ids=["engine-in-server", "engine-process"])
+def test_steps_failing_in_a_row_or_a_hung_step_fail_liveness(make_server, tmp_path, engine_process):
+    """The faults go into the engine's forward pass, in the server's process or in the engine's own
+    (FALCON_ENGINE_PROCESS: there through fault_site/sitecustomize.py, whose folder is on its PYTHONPATH)."""
     fault = tmp_path / "fault"
-    served = make_server("faulty", target="tests.e2e.faulty_service:FalconService",
-                         env_extra={"FALCON_TEST_FAULT_FILE": str(fault)}, engine_stall_seconds="3")
+    env = {"FALCON_TEST_FAULT_FILE": str(fault), "PYTHONPATH": os.pathsep.join(
+        p for p in (str(REPO / "tests" / "e2e" / "fault_site"), os.environ.get("PYTHONPATH")) if p)}
+    served = make_server(f"faulty-{engine_process}", target="tests.e2e.faulty_service:FalconService",
+                         env_extra=env, engine_stall_seconds="3", engine_process=engine_process)
     assert livez(served.url) == 200 and chat(served.url, served.model).status_code == 200
     # a broken device: every step fails; each request gets a 500, and after three in a row the pod is dead
     fault.write_text("fail")
