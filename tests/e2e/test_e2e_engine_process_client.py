@@ -1,6 +1,7 @@
 """The engine core in a child process (`EngineProcess`, FALCON_ENGINE_PROCESS) behind the same door as in
 process: the same tokens, aborts that reach the child, 429 at once, metrics, grammars, and a child that dies or
-cannot load failing loudly, never leaving a request hanging."""
+cannot load failing loudly, never leaving a request hanging. Each test starts real engine processes (seconds
+each), so these are in the e2e tier, beside the same through `bentoml serve` (test_e2e_engine_process.py)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from falcon_service.engine.process import EngineProcess, EngineStartError
 from falcon_service.engine.request import EngineError, FinishReason, GenerationRequest
 from falcon_service.engine.sampling import SamplingParams
 from falcon_service.engine.scheduler import BatchLimits, QueueFullError
+
+pytestmark = pytest.mark.e2e
 
 TIMEOUT = 60.0  # a bound on waiting, never a speed assertion
 OPTIONS = EngineOptions(device="cpu", dtype="float32", max_batch_size=4, max_batch_tokens=4 * 2048,
