@@ -198,7 +198,7 @@ class EngineProcess:
         while True:
             try:
                 message = self._conn.recv()
-            except (EOFError, OSError, pickle.UnpicklingError):
+            except (EOFError, OSError, pickle.UnpicklingError, TypeError, ValueError):  # closed, here or there
                 break
             kind = message[0]
             if kind == "events":
