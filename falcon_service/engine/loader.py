@@ -212,7 +212,6 @@ def load_engine(path: str | Path, options: EngineOptions, observer=None):
     from transformers import AutoConfig
 
     from .engine import Engine
-    from .grammar import GrammarLimits
     from .scheduler import BatchLimits
 
     started = time.perf_counter()
@@ -243,8 +242,7 @@ def load_engine(path: str | Path, options: EngineOptions, observer=None):
                                            fused_ops=options.fused_ops),
                     threads=threads if device == "cpu" else None, cuda_graphs=options.cuda_graphs and device == "cuda",
                     prefix_caching=options.prefix_caching,
-                    grammar_limits=GrammarLimits(compile_seconds=options.grammar_compile_seconds,
-                                                 memory_bytes=options.grammar_memory_mb << 20))
+                    grammar_limits=options.grammar_limits())
     engine.grammars.start()  # the compile sandboxes, so that the first constrained request does not wait for them
     if engine.graphs is not None:
         log.info("captured decode graphs in %.1f s", engine.capture_graphs())

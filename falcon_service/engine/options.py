@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .grammar_source import GrammarLimits
+
 # Prompt tokens one engine step prefills, by device, unless set. On a CPU a step's time grows with its
 # tokens (it is bound by compute): a 512-token prefill makes a step last as long as ten decode steps of
 # 16 streams, which every running stream waits through, and admits arrivals in groups that then finish
@@ -63,3 +65,8 @@ class EngineOptions:
     # the engine core (model, scheduler, step loop) in a child process of its own, its GIL its own
     # (`process.EngineProcess`); off until the GPU check measures it
     engine_process: bool = False
+
+    def grammar_limits(self) -> GrammarLimits:
+        """What one grammar may ask of the server, from these options (the engine's compiler and, with the engine in
+        a process of its own, the server's)."""
+        return GrammarLimits(compile_seconds=self.grammar_compile_seconds, memory_bytes=self.grammar_memory_mb << 20)

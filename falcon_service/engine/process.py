@@ -37,13 +37,13 @@ import sys
 import threading
 import time
 from dataclasses import replace
+from functools import partial
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 from .engine import Engine, Liveness, check_request, judge_liveness
 from .grammar import GrammarCompiler
-from .grammar_source import GrammarLimits
 from .options import EngineOptions
 from .request import EngineError, EngineObserver, GenerationRequest, RequestRecord
 from .scheduler import BatchLimits, QueueFullError
@@ -73,8 +73,7 @@ class EngineProcess:
         self.limits: BatchLimits = ready["limits"]
         self._ids = itertools.count(1)
         self._lock = threading.Lock()  # the streams' tables and the socket's sending end
-        self._streams: dict[int, RequestStream] = {}
-        self._id_of: dict[RequestStream, int] = {}
+        self._streams: dict[int, RequestStream] = {}  # by the id the child knows them by
         self._waiting: set[int] = set()  # submitted, no event yet
         self._stats = {"waiting": 0, "running": 0, "cache_tokens": 0, "prefix_tokens": 0}
         self._stats_at = 0.0  # when the child took them (the monotonic clock is the machine's)
@@ -113,8 +112,7 @@ class EngineProcess:
                 proc.kill()
                 proc.wait()
             raise
-        grammars = GrammarCompiler(tokenizer, GrammarLimits(compile_seconds=options.grammar_compile_seconds,
-                                                            memory_bytes=options.grammar_memory_mb << 20))
+        grammars = GrammarCompiler(tokenizer, options.grammar_limits())
         grammars.start()
         log.info("engine process %d ready", proc.pid)
         return cls(proc, conn, message[1], tokenizer, grammars, observer)
@@ -138,7 +136,7 @@ class EngineProcess:
         """Queue a request in the child; raises `QueueFullError` when as many wait as the queue holds, and
         `InvalidRequest` for what the engine cannot serve, at once (as `Engine.submit`)."""
         check_request(request, self.max_model_len, self.limits.max_batch_size)
-        stream = RequestStream(request, asyncio.get_running_loop(), self._abort, self.observer)
+        loop = asyncio.get_running_loop()
         grammar = request.params.grammar
         plain = replace(request, params=replace(request.params, grammar=None))
         with self._lock:
@@ -149,15 +147,15 @@ class EngineProcess:
                     self.observer.on_rejected()
                 raise QueueFullError(f"{len(self._waiting)} requests are waiting")
             rid = next(self._ids)
-            self._streams[rid], self._id_of[stream] = stream, rid
+            stream = RequestStream(request, loop, partial(self._abort, rid), self.observer)
+            self._streams[rid] = stream
             self._waiting.add(rid)
             self._send(("submit", rid, plain, grammar.spec if grammar is not None else None))
         return stream
 
-    def _abort(self, stream: RequestStream) -> None:
+    def _abort(self, rid: int, _stream: RequestStream) -> None:
         with self._lock:
-            rid = self._id_of.get(stream)
-            if rid is not None and self._dead is None:
+            if rid in self._streams and self._dead is None:
                 self._send(("abort", rid))
 
     def _send(self, message: tuple) -> None:
@@ -222,7 +220,7 @@ class EngineProcess:
             log.error("%s; the requests in flight fail", reason)
         with self._lock:
             self._dead = reason
-            streams, self._streams, self._id_of, self._waiting = list(self._streams.values()), {}, {}, set()
+            streams, self._streams, self._waiting = list(self._streams.values()), {}, set()
         outbox: Outbox = {}
         for stream in streams:
             if not stream.ended:
@@ -246,7 +244,7 @@ class EngineProcess:
                 stream.cached_tokens = cached
                 stream.deliver(item, outbox)
                 if stream.ended:
-                    del self._streams[rid], self._id_of[stream]
+                    del self._streams[rid]
         send(outbox)
 
 

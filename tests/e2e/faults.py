@@ -25,5 +25,5 @@ def _forward(self, batch):
     return _real_forward(self, batch)
 
 
-if falcon.FalconRunner.forward is not _forward and getattr(falcon.FalconRunner.forward, "__name__", "") != "_forward":
+if falcon.FalconRunner.forward.__name__ != "_forward":  # once, though imported as `faults` and `tests.e2e.faults`
     falcon.FalconRunner.forward = _forward
