@@ -195,9 +195,12 @@ async def test_mixed_steps_through_token_buckets_match_generate(make_engine, tin
 
     pieces.forward = recording
     tasks = []
-    for (prompt, max_new), _ in zip(requests, expected, strict=True):
-        tasks.append(asyncio.ensure_future(run_one(engine, prompt, greedy(max_new, ignore_eos=True))))
-        await asyncio.sleep(0.02)  # arrivals while the earlier ones decode
+    for prompt, max_new in requests:
+        stream = engine.submit(GenerationRequest(tuple(prompt), greedy(max_new, ignore_eos=True)))
+        tasks.append(asyncio.ensure_future(collect(stream)))
+        # the next one arrives once this one decodes (at least 5 more steps): not after a fixed sleep, which a fast
+        # step loop could outrun (the first one then done before the second came)
+        await wait_for(lambda stream=stream: stream.first_token_at is not None)
     results = await asyncio.gather(*tasks)
     assert [r[0].tokens for r in results] == expected
     assert any(rows > 0 for rows, _ in mixed), "no step decoded and prefilled at once"
